@@ -1,0 +1,171 @@
+"""Pretraining presets: `--config configs/pretrain.py:<preset>`.
+
+Every field any preset may set lives in `base_config()`, so an unknown `--config.x=y` key is an
+error and a preset only states what differs from the base. Presets: demo, nucleotide_gpt_500m,
+llama_500m, kmer6_overlap, kmer6_nonoverlap.
+"""
+
+from ml_collections import ConfigDict
+
+# Default FSDP: parameters sharded over `fsdp` on their embed dimension, batch over data × fsdp,
+# heads/mlp/vocab over `tensor`. A mesh axis is used at most once per array: the first logical
+# dimension (in array order) that claims it gets it, so activations [batch, length, embed] shard
+# only on batch.
+FSDP_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("classes", None),
+)
+
+
+def base_config() -> ConfigDict:
+    c = ConfigDict()
+    c.task = "pretrain"  # pretrain | classify
+    c.init_from = ""  # a pretraining workdir or checkpoint step folder (fine-tuning)
+    c.eval_only = False
+
+    c.model = ConfigDict(
+        dict(
+            kind="transformer",  # transformer | cnn (classification baseline)
+            vocab_size=6,
+            d_model=2048,
+            num_layers=12,
+            num_heads=8,
+            num_kv_heads=8,
+            head_dim=128,
+            mlp_dim=8192,
+            mlp_activation="gelu",  # gelu | swiglu
+            norm_placement="sandwich",  # sandwich (published) | pre (LLaMA)
+            norm_eps=1e-6,
+            rope_base=10000.0,
+            tie_embeddings=False,
+            init_std=0.02,
+            param_dtype="float32",
+            compute_dtype="bfloat16",
+            remat_policy="none",  # none | full | save_projections | save_attention_out | ...
+            scan_layers=True,
+            attention="auto",  # auto | xla | cudnn | splash
+            splash_block_q=512,
+            splash_block_kv=512,
+        )
+    )
+
+    c.data = ConfigDict(
+        dict(
+            path="",  # a prepared folder (manifest.json); empty + synthetic_bp > 0 → generated demo genome
+            tokenizer="nucleotide",  # nucleotide | kmer6_overlap | kmer6_nonoverlap
+            kmer_pad_multiple=512,  # kmer6_nonoverlap: token count padded to a multiple of this
+            reverse_complement_prob=0.0,
+            num_workers=0,  # Grain worker processes (0 = in the main process)
+            prefetch=2,
+            synthetic_bp=0,
+            synthetic_seed=0,
+            synthetic_window=0,  # record length of the generated genome; 0 → train.seq_len
+            eval_split="valid",
+        )
+    )
+
+    c.train = ConfigDict(
+        dict(
+            steps=20_000,
+            global_batch_size=16,
+            seq_len=8192,
+            repeat_weight=0.5,
+            grad_accum_steps=1,
+            log_every=50,
+            eval_every=1000,
+            eval_steps=20,
+            seed=0,
+        )
+    )
+
+    c.optim = ConfigDict(
+        dict(
+            learning_rate=3e-4,
+            warmup_steps=50,
+            final_learning_rate=1e-5,
+            weight_decay=0.1,
+            b1=0.9,
+            b2=0.95,
+            eps=1e-8,
+            clip_norm=1.0,
+            decay_norms_and_embeddings=False,
+        )
+    )
+
+    c.checkpoint = ConfigDict(dict(every=1000, keep=3, async_save=True))
+
+    c.mesh = ConfigDict(
+        dict(
+            ici_data_parallelism=1,
+            ici_fsdp_parallelism=-1,
+            ici_tensor_parallelism=1,
+            dcn_data_parallelism=-1,
+            dcn_fsdp_parallelism=1,
+            dcn_tensor_parallelism=1,
+            logical_axis_rules=FSDP_RULES,
+        )
+    )
+
+    c.diagnostics = ConfigDict(
+        dict(
+            stack_traces="auto",  # auto (on for TPU) | on | off: cloud-tpu-diagnostics collection
+            stack_trace_interval_s=600,
+        )
+    )
+    return c
+
+
+def demo(c: ConfigDict) -> None:
+    """A tiny model on a generated genome: trains on a 2-core CPU in a few minutes."""
+    c.model.update(
+        vocab_size=6, d_model=128, num_layers=4, num_heads=4, num_kv_heads=4, head_dim=32,
+        mlp_dim=512, compute_dtype="float32", scan_layers=True,
+    )
+    c.data.update(synthetic_bp=3_000_000, synthetic_seed=0)
+    c.train.update(
+        steps=600, global_batch_size=16, seq_len=512, log_every=25, eval_every=200, eval_steps=8,
+    )
+    c.optim.update(learning_rate=2e-3, warmup_steps=50, final_learning_rate=1e-4)
+    c.checkpoint.update(every=200, keep=2)
+
+
+def nucleotide_gpt_500m(c: ConfigDict) -> None:
+    """The published run: 503.4M parameters, 8,192 bp, batch 16, 20k steps, repeat weight 0.5."""
+
+
+def llama_500m(c: ConfigDict) -> None:
+    """The LLaMA-shaped variant of the published model: pre-norm and SwiGLU."""
+    c.model.update(norm_placement="pre", mlp_activation="swiglu")
+
+
+def kmer6_overlap(c: ConfigDict) -> None:
+    """Overlapping 6-mers: 8,192 bp → 8,187 tokens padded to 8,192."""
+    c.model.vocab_size = 4098
+    c.data.tokenizer = "kmer6_overlap"
+
+
+def kmer6_nonoverlap(c: ConfigDict) -> None:
+    """Non-overlapping 6-mers: 8,192 bp → 1,366 tokens padded to 1,536 (3 × 512)."""
+    c.model.vocab_size = 4098
+    c.data.tokenizer = "kmer6_nonoverlap"
+    c.train.seq_len = 1536
+
+
+PRESETS = {f.__name__: f for f in (demo, nucleotide_gpt_500m, llama_500m, kmer6_overlap, kmer6_nonoverlap)}
+
+
+def get_config(preset: str = "demo") -> ConfigDict:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    c = base_config()
+    PRESETS[preset](c)
+    c.preset = preset
+    return c

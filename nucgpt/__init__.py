@@ -1,0 +1,1 @@
+"""Nucleotide GPT: a JAX trainer for decoder-only transformers over DNA."""
