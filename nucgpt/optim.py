@@ -1,0 +1,59 @@
+"""AdamW with linear warmup + cosine decay and global-norm clipping; no decay on norms/embeddings.
+
+Gradient accumulation lives in the train step (one optimizer update per train step), not here.
+"""
+
+from typing import Any
+
+import jax
+import optax
+from ml_collections import ConfigDict
+
+EMBEDDING_NAMES = frozenset({"embed", "embedding", "embedder", "token_embed", "tok_embeddings", "wte", "position_embed"})
+
+
+def learning_rate_schedule(optim: ConfigDict, steps: int) -> optax.Schedule:
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=optim.learning_rate,
+        warmup_steps=optim.warmup_steps,
+        decay_steps=max(steps, optim.warmup_steps + 1),
+        end_value=optim.final_learning_rate,
+    )
+
+
+def _is_embedding(path: tuple) -> bool:
+    return any(str(getattr(k, "key", getattr(k, "name", k))) in EMBEDDING_NAMES for k in path)
+
+
+def decay_mask(params: Any, decay_norms_and_embeddings: bool) -> Any:
+    """True where weight decay applies: matrices, but not embedding tables; norms/biases are 1-D.
+
+    Works on abstract params (ShapeDtypeStruct) too. With a scanned layer stack a norm scale is
+    [layers, d], so the leading `layers` axis is not counted: a leaf is a matrix when it has two
+    or more dimensions besides a stacked layer axis.
+    """
+    if decay_norms_and_embeddings:
+        return jax.tree.map(lambda _: True, params)
+
+    def is_decayed(path, x) -> bool:
+        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        stacked = any(n in ("layers", "blocks") for n in names)
+        return x.ndim - int(stacked) >= 2 and not _is_embedding(path)
+
+    return jax.tree_util.tree_map_with_path(is_decayed, params)
+
+
+def make_optimizer(optim: ConfigDict, steps: int) -> optax.GradientTransformation:
+    schedule = learning_rate_schedule(optim, steps)
+    return optax.chain(
+        optax.clip_by_global_norm(optim.clip_norm) if optim.clip_norm > 0 else optax.identity(),
+        optax.adamw(
+            learning_rate=schedule,
+            b1=optim.b1,
+            b2=optim.b2,
+            eps=optim.eps,
+            weight_decay=optim.weight_decay,
+            mask=lambda params: decay_mask(params, optim.decay_norms_and_embeddings),
+        ),
+    )

@@ -1,0 +1,132 @@
+"""Pretraining: next-token prediction on a prepared genome with the repeat-weighted loss."""
+
+import os
+from typing import Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+from ml_collections import ConfigDict
+
+from nucgpt import loss as lm_loss
+from nucgpt.errors import UserError
+from nucgpt.tasks import Task
+from nucgpt.tokenizers import get_tokenizer
+
+LM_FIELDS = {
+    "inputs": np.int32,
+    "targets": np.int32,
+    "target_repeat": np.bool_,
+    "target_valid": np.bool_,
+    "segment_ids": np.int32,
+}
+SYNTHETIC_HOLDOUT = {"valid_chroms": ("chr3",), "test_chroms": ("chr4",)}
+
+
+def bases_per_token(config: ConfigDict) -> int:
+    """Bases one token advances: 1 for nucleotides and overlapping k-mers, k for consecutive k-mers."""
+    tokenizer = get_tokenizer(config.data.tokenizer, pad_multiple=config.data.kmer_pad_multiple)
+    return 1 if tokenizer.overlap or tokenizer.k == 1 else tokenizer.k
+
+
+class PretrainTask(Task):
+    def resolve_config(self, config: ConfigDict, workdir: str) -> ConfigDict:
+        if not config.data.path and config.data.synthetic_bp > 0:
+            with config.unlocked():
+                config.data.path = os.path.join(workdir, "data")
+        return config
+
+    def prepare_data(self, config: ConfigDict) -> None:
+        """Generate and prepare the seeded synthetic genome once, when the data folder has no manifest."""
+        if config.data.synthetic_bp <= 0 or os.path.exists(os.path.join(config.data.path, "manifest.json")):
+            return
+        from nucgpt.data import prepare, synthetic
+
+        genome_dir = os.path.join(os.path.dirname(config.data.path.rstrip("/")) or ".", "genome")
+        os.makedirs(genome_dir, exist_ok=True)
+        fasta = os.path.join(genome_dir, f"synthetic_{config.data.synthetic_bp}bp_seed{config.data.synthetic_seed}.fa")
+        synthetic.write_genome(fasta, bp=config.data.synthetic_bp, seed=config.data.synthetic_seed)
+        prepare.prepare(
+            [fasta],
+            config.data.path,
+            window=config.data.synthetic_window or self.window_bp(config),
+            overwrite=True,
+            progress=False,
+            **SYNTHETIC_HOLDOUT,
+        )
+
+    @staticmethod
+    def window_bp(config: ConfigDict) -> int:
+        """Bases a record needs so that `seq_len` tokens of input plus one of target fit."""
+        tokenizer = get_tokenizer(config.data.tokenizer, pad_multiple=config.data.kmer_pad_multiple)
+        if tokenizer.k == 1:
+            return config.train.seq_len
+        return config.train.seq_len * (1 if tokenizer.overlap else tokenizer.k)
+
+    def validate(self, config: ConfigDict) -> None:
+        tokenizer = get_tokenizer(config.data.tokenizer, pad_multiple=config.data.kmer_pad_multiple)
+        if config.model.vocab_size < tokenizer.vocab_size:
+            raise UserError(
+                f"model.vocab_size: {config.model.vocab_size} is smaller than the {config.data.tokenizer} "
+                f"tokenizer's vocabulary ({tokenizer.vocab_size})"
+            )
+        if not config.data.path and config.data.synthetic_bp <= 0:
+            raise UserError("data.path: empty; give a prepared folder (nucgpt-prepare) or set data.synthetic_bp")
+        if config.data.path and config.data.synthetic_bp <= 0:
+            from nucgpt.data.pipeline import read_manifest
+
+            read_manifest(config.data.path)
+
+    def build_model(self, config: ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
+        from nucgpt.model import Transformer
+
+        return Transformer(config.model, rngs=rngs)
+
+    def loss(self, model, batch, config):
+        logits_BxLxV = model(batch["inputs"], batch["segment_ids"])
+        return lm_loss.lm_stats(
+            logits_BxLxV, batch["targets"], batch["target_valid"], batch["target_repeat"], config.train.repeat_weight
+        )
+
+    def finalize_metrics(self, stats: Mapping[str, np.ndarray], config: ConfigDict) -> dict[str, float]:
+        return lm_loss.lm_metrics(stats, bases_per_token(config))
+
+    def batch_axes(self, config: ConfigDict) -> dict[str, tuple[str, ...]]:
+        return {k: ("batch", "length") for k in LM_FIELDS}
+
+    def dummy_batch(self, config: ConfigDict, local_batch_size: int) -> dict[str, np.ndarray]:
+        shape = (local_batch_size, config.train.seq_len)
+        rng = np.random.default_rng(0)
+        tokens = rng.integers(1, 5, size=shape, dtype=np.int32)
+        return {
+            "inputs": tokens,
+            "targets": np.roll(tokens, -1, axis=1),
+            "target_repeat": rng.random(shape) < 0.5,
+            "target_valid": np.ones(shape, bool),
+            "segment_ids": np.ones(shape, np.int32),
+        }
+
+    def _iterator(self, config: ConfigDict, *, split: str, train: bool, process_index: int, process_count: int):
+        from nucgpt.data.pipeline import make_lm_iterator
+
+        return make_lm_iterator(
+            config.data,
+            split=split,
+            seq_len=config.train.seq_len,
+            global_batch_size=config.train.global_batch_size,
+            seed=config.train.seed,
+            train=train,
+            process_index=process_index,
+            process_count=process_count,
+        )
+
+    def train_iterator(self, config, process_index, process_count):
+        return self._iterator(config, split="train", train=True, process_index=process_index, process_count=process_count)
+
+    def eval_iterator(self, config, process_index, process_count):
+        return self._iterator(
+            config, split=config.data.eval_split, train=False, process_index=process_index, process_count=process_count
+        )
+
+
+TASK = PretrainTask()
