@@ -1,0 +1,117 @@
+"""Readers for both layouts, the seeded stratified split and length-bucketed batches."""
+
+import numpy as np
+import pytest
+
+from nucgpt.data import classification as cd
+from nucgpt.errors import UserError
+
+
+def _write_benchmark_folder(root, per_class=3):
+    for split in ("train", "test"):
+        for class_name, base in (("positive", "A"), ("negative", "C")):
+            folder = root / split / class_name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                (folder / f"{i}.txt").write_text(base * (10 + i) + "\n")
+
+
+def test_benchmark_folder_sorts_class_names_into_label_ids(tmp_path):
+    _write_benchmark_folder(tmp_path / "demo_ds")
+    data = cd.load(str(tmp_path / "demo_ds"), test_fraction=0.2, split_seed=0)
+    assert data.class_names == ("negative", "positive")
+    assert len(data.train) == len(data.test) == 6
+    assert data.split == {"kind": "given"}
+    for sequence, label in zip(data.train.sequences, data.train.labels_N):
+        assert sequence[0] == ("C" if label == 0 else "A")
+
+
+def test_benchmark_folder_with_different_test_classes_is_a_user_error(tmp_path):
+    _write_benchmark_folder(tmp_path)
+    (tmp_path / "test" / "negative" / "0.txt").unlink()
+    (tmp_path / "test" / "other").mkdir()
+    with pytest.raises(UserError, match="differ from test classes"):
+        cd.load(str(tmp_path), 0.2, 0)
+
+
+@pytest.mark.parametrize(
+    "name, text",
+    [
+        ("original.csv", "sequence,label\nACGTAC,1\nGGGTTT,0\nACGTTT,1\nGGGAAA,0\n"),
+        ("shared.tsv", "seq\tlabel\nACGTAC\t1\nGGGTTT\t0\nACGTTT\t1\nGGGAAA\t0\n"),
+        ("reversed.csv", "label,sequence\n1,ACGTAC\n0,GGGTTT\n1,ACGTTT\n0,GGGAAA\n"),
+        ("no_header.tsv", "ACGTAC\t1\nGGGTTT\t0\nACGTTT\t1\nGGGAAA\t0\n"),
+        ("no_header_label_first.csv", "1,ACGTAC\n0,GGGTTT\n1,ACGTTT\n0,GGGAAA\n"),
+    ],
+)
+def test_tables_with_and_without_header_read_the_same_rows(tmp_path, name, text):
+    (tmp_path / name).write_text(text)
+    sequences, labels = cd.read_table(tmp_path / name)
+    assert sequences == ["ACGTAC", "GGGTTT", "ACGTTT", "GGGAAA"]
+    assert labels == ["1", "0", "1", "0"]
+
+
+def test_string_labels_sort_and_integer_labels_keep_their_order(tmp_path):
+    (tmp_path / "names.csv").write_text("sequence,label\n" + "".join(f"ACGT,{c}\n" for c in ["ocr", "enhancer", "promoter"] * 4))
+    assert cd.load(str(tmp_path / "names.csv"), 0.25, 0).class_names == ("enhancer", "ocr", "promoter")
+    (tmp_path / "ints.csv").write_text("sequence,label\n" + "".join(f"ACGT,{c}\n" for c in [10, 2, 1] * 4))
+    assert cd.load(str(tmp_path / "ints.csv"), 0.25, 0).class_names == ("1", "2", "10")
+
+
+def test_bad_rows_are_user_errors_naming_the_line(tmp_path):
+    (tmp_path / "bad.csv").write_text("sequence,label\nACGT,0\nAC-GT,1\n")
+    with pytest.raises(UserError, match=r"bad.csv:3"):
+        cd.load(str(tmp_path / "bad.csv"), 0.5, 0)
+    (tmp_path / "cols.csv").write_text("dna_string,y_value\nACGT,0\n")
+    with pytest.raises(UserError, match="needs a sequence column"):
+        cd.load(str(tmp_path / "cols.csv"), 0.5, 0)
+    with pytest.raises(UserError, match="does not exist"):
+        cd.load(str(tmp_path / "missing.tsv"), 0.5, 0)
+
+
+def test_stratified_split_is_seeded_disjoint_and_keeps_class_proportions():
+    labels = np.array([0] * 50 + [1] * 30 + [2] * 20)
+    train, test = cd.stratified_split(labels, 0.2, seed=7)
+    assert len(np.intersect1d(train, test)) == 0 and len(train) + len(test) == 100
+    np.testing.assert_array_equal(np.bincount(labels[test]), [10, 6, 4])
+    again_train, again_test = cd.stratified_split(labels, 0.2, seed=7)
+    np.testing.assert_array_equal(test, again_test)
+    assert not np.array_equal(test, cd.stratified_split(labels, 0.2, seed=8)[1])
+
+
+def _split(lengths):
+    tokens = tuple(np.arange(1, n + 1, dtype=np.int32) % 4 + 1 for n in lengths)
+    return cd.TokenizedSplit(tokens, np.arange(len(lengths), dtype=np.int32) % 2)
+
+
+def test_training_batches_come_from_one_bucket_and_cover_every_example():
+    buckets = cd.bucket_lengths(256, smallest=64)
+    assert buckets == (64, 128, 256)
+    split = _split([30] * 10 + [100] * 7 + [250] * 3)
+    batches = cd.epoch_batches(split, buckets, batch_size=4, seed=0, epoch=0)
+    seen = np.concatenate(batches)
+    assert set(seen) == set(range(20))
+    for batch in batches:
+        padded = cd.pad_batch(split, batch, buckets, pad_id=0)
+        assert padded["tokens"].shape[1] == buckets[cd.assign_buckets(np.array([len(split.tokens[batch[0]])]), buckets)[0]]
+    assert [b.tolist() for b in batches] == [b.tolist() for b in cd.epoch_batches(split, buckets, 4, seed=0, epoch=0)]
+    assert [b.tolist() for b in batches] != [b.tolist() for b in cd.epoch_batches(split, buckets, 4, seed=0, epoch=1)]
+
+
+def test_eval_batches_hold_each_example_once_with_zero_weight_fillers():
+    buckets = cd.bucket_lengths(128, smallest=64)
+    split = _split([30] * 5 + [100] * 2)
+    batches = cd.eval_batches(split, buckets, batch_size=4)
+    padded = [cd.pad_batch(split, b, buckets, pad_id=0) for b in batches]
+    assert sorted(i for b in batches for i in b if i >= 0) == list(range(7))
+    assert sum(p["weights"].sum() for p in padded) == 7
+    last = padded[-1]
+    assert last["tokens"].shape == (4, 128)
+    np.testing.assert_array_equal(last["segment_ids"].sum(axis=1), [100, 100, 0, 0])
+    np.testing.assert_array_equal(last["tokens"][0, :100], split.tokens[5])
+    assert (last["tokens"][0, 100:] == 0).all()
+
+
+def test_a_sequence_longer_than_seq_len_is_a_user_error():
+    with pytest.raises(UserError, match="longer than train.seq_len=128"):
+        cd.assign_buckets(np.array([50, 200]), cd.bucket_lengths(128))
