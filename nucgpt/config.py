@@ -1,0 +1,100 @@
+"""Config validation: every bad field is named, all of them at once, before anything starts.
+
+`validate(config, mesh_shape=...)` raises one `UserError` whose message lists each problem as
+`section.key: what is wrong`. The mesh shape (axis → size) comes from the mesh the run will use,
+so divisibility is checked against the real device count.
+"""
+
+from typing import Mapping
+
+from ml_collections import ConfigDict
+
+from nucgpt.errors import UserError
+
+CHOICES = {
+    "model.attention": ("auto", "xla", "cudnn", "splash"),
+    "model.mlp_activation": ("gelu", "swiglu"),
+    "model.norm_placement": ("sandwich", "pre"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.compute_dtype": ("float32", "bfloat16", "float16"),
+    "data.tokenizer": ("nucleotide", "kmer6_overlap", "kmer6_nonoverlap"),
+    "diagnostics.stack_traces": ("auto", "on", "off"),
+}
+POSITIVE = (
+    "train.steps", "train.global_batch_size", "train.seq_len", "train.grad_accum_steps", "train.log_every",
+    "train.eval_every", "checkpoint.every", "checkpoint.keep", "model.d_model", "model.num_layers",
+    "model.num_heads", "model.num_kv_heads", "model.head_dim", "model.mlp_dim", "model.vocab_size",
+)
+NON_NEGATIVE = ("train.repeat_weight", "optim.warmup_steps", "optim.weight_decay", "optim.clip_norm", "train.eval_steps")
+
+
+def get(config: ConfigDict, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _has(config: ConfigDict, dotted: str) -> bool:
+    try:
+        get(config, dotted)
+        return True
+    except (KeyError, AttributeError):
+        return False
+
+
+def problems(config: ConfigDict, mesh_shape: Mapping[str, int] | None = None, process_count: int = 1) -> list[str]:
+    """Every problem with `config`, one `field: reason` string each (empty when the config is good)."""
+    out: list[str] = []
+    for key, choices in CHOICES.items():
+        if _has(config, key) and get(config, key) not in choices:
+            out.append(f"{key}: {get(config, key)!r} is not one of {', '.join(choices)}")
+    for key in POSITIVE:
+        if _has(config, key) and not get(config, key) > 0:
+            out.append(f"{key}: must be positive, got {get(config, key)}")
+    for key in NON_NEGATIVE:
+        if _has(config, key) and get(config, key) < 0:
+            out.append(f"{key}: must be >= 0, got {get(config, key)}")
+    if out:
+        return out  # the checks below divide by these values
+
+    m, t = config.model, config.train
+    if m.kind == "transformer":
+        if m.num_heads % m.num_kv_heads:
+            out.append(f"model.num_heads: {m.num_heads} is not a multiple of model.num_kv_heads ({m.num_kv_heads})")
+        if m.head_dim % 2:
+            out.append(f"model.head_dim: {m.head_dim} must be even for rotary embeddings")
+        if m.attention == "splash":
+            for key in ("splash_block_q", "splash_block_kv"):
+                if t.seq_len % m[key]:
+                    out.append(f"train.seq_len: {t.seq_len} is not a multiple of model.{key} ({m[key]}) for splash attention")
+    if config.optim.learning_rate <= 0:
+        out.append(f"optim.learning_rate: must be positive, got {config.optim.learning_rate}")
+    if config.optim.final_learning_rate > config.optim.learning_rate:
+        out.append(f"optim.final_learning_rate: {config.optim.final_learning_rate} exceeds optim.learning_rate")
+    if t.global_batch_size % t.grad_accum_steps:
+        out.append(f"train.global_batch_size: {t.global_batch_size} is not a multiple of train.grad_accum_steps ({t.grad_accum_steps})")
+    if t.global_batch_size % process_count:
+        out.append(f"train.global_batch_size: {t.global_batch_size} is not a multiple of the process count ({process_count})")
+    if mesh_shape is not None:
+        batch_parallel = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
+        micro = t.global_batch_size // t.grad_accum_steps
+        if micro % batch_parallel:
+            out.append(
+                f"train.global_batch_size: {t.global_batch_size} (÷ {t.grad_accum_steps} accumulation steps = {micro}) "
+                f"is not a multiple of the data-parallel size data×fsdp = {batch_parallel}"
+            )
+        tensor = mesh_shape.get("tensor", 1)
+        if m.kind == "transformer":
+            for key in ("num_heads", "mlp_dim"):
+                if m[key] % tensor:
+                    out.append(f"model.{key}: {m[key]} is not divisible by the tensor-parallel size ({tensor})")
+            if m.d_model % mesh_shape.get("fsdp", 1):
+                out.append(f"model.d_model: {m.d_model} is not divisible by the fsdp size ({mesh_shape.get('fsdp', 1)})")
+    return out
+
+
+def validate(config: ConfigDict, mesh_shape: Mapping[str, int] | None = None, process_count: int = 1) -> None:
+    found = problems(config, mesh_shape, process_count)
+    if found:
+        raise UserError("; ".join(found) if len(found) > 1 else found[0])

@@ -1,0 +1,65 @@
+"""Where metrics go: TensorBoard event files (no TensorFlow), metrics.jsonl, and a console line.
+
+Only process 0 writes; every other process gets a logger that does nothing. Non-finite values
+become JSON null (and are skipped in TensorBoard) so the files stay valid.
+"""
+
+import json
+import math
+import os
+import time
+from typing import Mapping
+
+from etils import epath
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+CONSOLE_KEYS = (
+    ("loss", "loss {:.4f}"),
+    ("bits_per_base", "{:.3f} bits/base"),
+    ("accuracy", "acc {:.3f}"),
+    ("eval_loss", "eval_loss {:.4f}"),
+    ("eval_bits_per_base", "{:.3f} bits/base"),
+    ("eval_loss_repeat", "repeat {:.4f}"),
+    ("eval_loss_unique", "unique {:.4f}"),
+    ("grad_norm", "|g| {:.3f}"),
+    ("learning_rate", "lr {:.2e}"),
+    ("tokens_per_sec", "{:,.0f} tok/s"),
+    ("mfu", "mfu {:.1%}"),
+)
+
+
+def _finite(value) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+class MetricsLogger:
+    """`log(step, metrics)` → one TensorBoard scalar per key, one metrics.jsonl line, one console line."""
+
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.enabled = enabled
+        if not enabled:
+            return
+        self.jsonl_path = epath.Path(workdir) / "metrics.jsonl"
+        self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
+        self._tb = EventFileWriter(os.path.join(workdir, "tensorboard"))
+
+    def log(self, step: int, metrics: Mapping[str, float | None], console: bool = True) -> None:
+        if not self.enabled:
+            return
+        line = {"step": int(step), **{k: _finite(v) for k, v in metrics.items()}}
+        with self.jsonl_path.open("a") as f:
+            f.write(json.dumps(line) + "\n")
+        values = [summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in line.items() if k != "step" and v is not None]
+        self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values)))
+        self._tb.flush()
+        if console:
+            parts = [fmt.format(line[k]) for k, fmt in CONSOLE_KEYS if line.get(k) is not None]
+            print(f"step {step:>7d} | " + " | ".join(parts), flush=True)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._tb.close()
