@@ -1,0 +1,199 @@
+"""Streaming readers for softmasked sequence input: FASTA (plain or gzip) and the original CSV bins.
+
+Both stream in big blocks (memory stays flat whatever the genome size) and normalise bases with one
+`bytes.translate` per block: ACGTN/acgtn are kept as they are (case = RepeatMasker softmask), the
+IUPAC ambiguity codes RYKMSWBDHV map to N keeping their case and are counted, line ends (LF or
+CRLF), spaces and tabs are dropped, and any other byte is a UserError naming the file and line.
+Gzip is detected by its magic bytes, not by the file name; multi-member (bgzip) files work.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import os
+import zlib
+from typing import Iterator
+
+from nucgpt.errors import UserError
+
+IUPAC_CODES = b"RYKMSWBDHV"
+_BLOCK_BYTES = 1 << 22  # compressed bytes per read: big blocks keep zlib and translate efficient
+_GZIP_MAGIC = b"\x1f\x8b"
+_DROPPED = b"\r\n \t"
+
+
+def _normalising_table() -> bytes:
+    table = bytearray(256)  # 0 marks a byte that is not allowed
+    for base in b"ACGTN":
+        table[base] = base
+        table[base + 32] = base + 32
+    for code in IUPAC_CODES:
+        table[code] = ord("N")
+        table[code + 32] = ord("n")
+    return bytes(table)
+
+
+NORMALISE = _normalising_table()
+_NORMALISE_KEEP_LINES = NORMALISE[:10] + b"\n" + NORMALISE[11:]  # to find the line of a bad byte
+
+
+def _read_blocks(f, size: int, digest) -> Iterator[bytes]:
+    while block := f.read(size):
+        if digest is not None:
+            digest.update(block)
+        yield block
+
+
+def decompressed_blocks(path: str | os.PathLike, digest=None) -> Iterator[bytes]:
+    """The file's bytes in large blocks, gunzipped when it starts with the gzip magic.
+
+    `digest` (a hashlib object) is fed the file's raw bytes, so hashing costs no second read.
+    """
+    with open(path, "rb") as f:
+        is_gzip = f.read(2) == _GZIP_MAGIC
+        f.seek(0)
+        if not is_gzip:
+            yield from _read_blocks(f, _BLOCK_BYTES * 4, digest)
+            return
+        inflater = zlib.decompressobj(wbits=31)  # None between two gzip members
+        try:
+            for raw in _read_blocks(f, _BLOCK_BYTES, digest):
+                while raw:
+                    inflater = inflater or zlib.decompressobj(wbits=31)
+                    if out := inflater.decompress(raw):
+                        yield out
+                    raw = b""
+                    if inflater.eof:  # the next member (bgzip) starts in the unused bytes
+                        raw, inflater = inflater.unused_data, None
+        except zlib.error as e:
+            raise UserError(f"{path}: corrupt gzip data ({e})") from None
+        if inflater is not None:
+            raise UserError(f"{path}: truncated gzip file (the compressed stream ends early)")
+
+
+@dataclasses.dataclass
+class SequenceStats:
+    """What a reader saw, for the manifest: IUPAC codes turned into N, the sha256 of the raw file."""
+
+    iupac_bases: int = 0
+    sha256: "hashlib._Hash" = dataclasses.field(default_factory=hashlib.sha256)
+
+
+def _normalise(path, data: bytes, first_line: int, stats: SequenceStats) -> bytes:
+    """Normalised bases of `data` (sequence lines starting at line `first_line`); errors name the line."""
+    bases = data.translate(NORMALISE, _DROPPED)
+    if b"\0" in bases:
+        with_lines = data.translate(_NORMALISE_KEEP_LINES, b"\r \t")
+        bad = with_lines.index(b"\0")
+        line = first_line + with_lines.count(b"\n", 0, bad)
+        char = data.replace(b"\r", b"").replace(b" ", b"").replace(b"\t", b"")[bad : bad + 1]
+        raise UserError(
+            f"{path}:{line}: invalid character {char.decode('latin-1')!r} in sequence "
+            f"(allowed: ACGTN, IUPAC codes {IUPAC_CODES.decode()} which become N; either case)"
+        )
+    iupac = bases.count(b"N") + bases.count(b"n") - data.count(b"N") - data.count(b"n")
+    stats.iupac_bases += iupac
+    return bases
+
+
+def read_fasta(path: str | os.PathLike, stats: SequenceStats) -> Iterator[tuple[str, bytes]]:
+    """Yields (chrom, bases) pieces in file order: (chrom, b"") at each header, then its sequence.
+
+    The chromosome name is the header up to the first whitespace; descriptions are ignored.
+    """
+    line = 1  # line number at `pos` in the current block
+    carry = b""
+    at_line_start = True
+    seen_header = False
+    seen_any = False
+    chrom = ""
+    for raw in decompressed_blocks(path, stats.sha256):
+        seen_any = True
+        block = carry + raw if carry else raw
+        carry = b""
+        pos = 0
+        while pos < len(block):
+            if block[pos] == 0x3E and (at_line_start if pos == 0 else block[pos - 1] == 0x0A):  # '>'
+                end = block.find(b"\n", pos)
+                if end < 0:
+                    carry = block[pos:]
+                    break
+                name = block[pos + 1 : end].split(None, 1)
+                if not name:
+                    raise UserError(f"{path}:{line}: FASTA header without a sequence name")
+                seen_header = True
+                chrom = name[0].decode("ascii", "replace")
+                yield chrom, b""
+                line += 1
+                pos = end + 1
+                continue
+            next_header = block.find(b"\n>", pos)
+            end = next_header + 1 if next_header >= 0 else len(block)
+            data = block[pos:end]
+            bases = _normalise(path, data, line, stats)
+            if bases and not seen_header:
+                raise UserError(f"{path}:{line}: sequence before the first '>' header (not a FASTA file?)")
+            if bases:
+                yield chrom, bases
+            line += data.count(b"\n")
+            pos = end
+        at_line_start = block.endswith(b"\n") or bool(carry)
+    if carry:  # a last header line without a newline
+        name = carry[1:].split(None, 1)
+        if not name:
+            raise UserError(f"{path}:{line}: FASTA header without a sequence name")
+        seen_header = True
+        yield name[0].decode("ascii", "replace"), b""
+    if not seen_any:
+        raise UserError(f"{path}: empty file")
+    if not seen_header:
+        raise UserError(f"{path}: no '>' header line (not a FASTA file?)")
+
+
+def read_csv_bins(path: str | os.PathLike, stats: SequenceStats) -> Iterator[tuple[str, int, bytes]]:
+    """Yields (chrom, start, bases) per row of the original project's `Chrom,Start,End,Sequence` CSV."""
+    text = io.TextIOWrapper(io.BufferedReader(_BlockStream(decompressed_blocks(path, stats.sha256))), encoding="ascii",
+                            errors="replace", newline="")
+    rows = csv.reader(text)
+    header = next(rows, None)
+    if header is None:
+        raise UserError(f"{path}: empty file")
+    columns = [c.strip().lower() for c in header]
+    missing = [c for c in ("chrom", "start", "sequence") if c not in columns]
+    if missing:
+        raise UserError(f"{path}:1: CSV header lacks column(s) {', '.join(missing)} (want Chrom,Start,End,Sequence)")
+    chrom_col, start_col, seq_col = (columns.index(c) for c in ("chrom", "start", "sequence"))
+    for row in rows:
+        if not row:
+            continue
+        line = rows.line_num
+        try:
+            chrom, start, seq = row[chrom_col], int(row[start_col]), row[seq_col]
+        except (IndexError, ValueError):
+            raise UserError(f"{path}:{line}: malformed CSV row (want Chrom,Start,End,Sequence)") from None
+        yield chrom, start, _normalise(path, seq.encode("latin-1"), line, stats)
+
+
+class _BlockStream(io.RawIOBase):
+    """A readable stream over an iterator of byte blocks (to put the csv module on decompressed data)."""
+
+    def __init__(self, blocks: Iterator[bytes]):
+        self._blocks = blocks
+        self._pending = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._pending:
+            block = next(self._blocks, b"")
+            if not block:
+                return 0
+            self._pending = memoryview(block)
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n

@@ -1,0 +1,338 @@
+"""Softmasked genome → ArrayRecord shards + manifest.json, once, offline: `python -m nucgpt.data.prepare`.
+
+Streams the input (memory stays flat whatever the genome size), cuts each chromosome into windows,
+drops windows with too many N, routes whole chromosomes to train/valid/test, and writes into a
+hidden temporary folder that is renamed to `--out` only when everything succeeded: a failed or
+interrupted run leaves nothing that looks like a dataset. Record layout: see nucgpt/data/records.py.
+
+    python -m nucgpt.data.prepare --fasta hg38.fa.gz --out data/hg38 \\
+        --valid_chroms chr20 --test_chroms chr21,chr22
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from typing import Iterator, Sequence
+
+from absl import app, flags
+
+from nucgpt.data import fasta, records
+from nucgpt.errors import UserError, exits_cleanly_on_user_error
+
+SPLITS = ("train", "valid", "test")
+DEFAULT_INCLUDE = r".*"
+# UCSC alternate haplotypes, unplaced/unlocalised contigs and the mitochondrion: not nuclear reference.
+DEFAULT_EXCLUDE = r".*_alt|.*_random|chrUn_.*|chrM"
+_LOWERCASE = b"acgtn"
+
+
+@dataclasses.dataclass
+class _SplitStats:
+    records: int = 0
+    bp: int = 0
+    lowercase: int = 0
+    n: int = 0
+    dropped_windows: int = 0
+    chroms: dict = dataclasses.field(default_factory=dict)
+
+    def add(self, chrom: str, window: bytes | bytearray, n: int) -> None:
+        self.records += 1
+        self.bp += len(window)
+        self.lowercase += len(window) - len(window.translate(None, _LOWERCASE))
+        self.n += n
+        self.chroms[chrom] = self.chroms.get(chrom, 0) + 1
+
+    def to_json(self, shards: list[str]) -> dict:
+        return dict(
+            records=self.records,
+            bp=self.bp,
+            lowercase_fraction=self.lowercase / self.bp if self.bp else 0.0,
+            n_fraction=self.n / self.bp if self.bp else 0.0,
+            dropped_windows=self.dropped_windows,
+            shards=shards,
+            chroms=self.chroms,
+        )
+
+
+class Windower:
+    """Cuts one chromosome, fed as pieces, into (start, bases) windows without holding it whole."""
+
+    def __init__(self, window: int, stride: int, keep_tail: bool):
+        self._window, self._stride, self._keep_tail = window, stride, keep_tail
+        self._buf = bytearray()
+        self._start = 0  # genome position of buf[0], which is where the next window starts
+        self._to_skip = 0  # bases still to skip when stride > window
+        self._covered_end = 0
+        self.bp = 0
+
+    def feed(self, piece: bytes) -> Iterator[tuple[int, bytearray]]:
+        self.bp += len(piece)
+        if self._to_skip:
+            skipped = min(self._to_skip, len(piece))
+            piece, self._to_skip = piece[skipped:], self._to_skip - skipped
+        buf = self._buf
+        buf += piece
+        i = 0
+        while len(buf) - i >= self._window:
+            yield self._start, buf[i : i + self._window]
+            self._covered_end = self._start + self._window
+            i += self._stride
+            self._start += self._stride
+        if i:
+            self._to_skip += max(i - len(buf), 0)
+            del buf[:i]
+
+    def finish(self) -> Iterator[tuple[int, bytearray]]:
+        """The last partial window, with keep_tail, when it holds bases no window covered."""
+        if self._keep_tail and self._buf and self._start + len(self._buf) > self._covered_end:
+            yield self._start, self._buf
+
+
+class _Progress:
+    """A one-line bp/s progress bar on stderr, redrawn at most twice a second."""
+
+    def __init__(self, enabled: bool):
+        self._enabled = enabled
+        self._t0 = self._last = time.monotonic()
+
+    def update(self, bp: int, num_records: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if self._enabled and (force or now - self._last > 0.5):
+            self._last = now
+            rate = bp / max(now - self._t0, 1e-9) / 1e6
+            sys.stderr.write(f"\r  {bp / 1e6:10.1f} Mbp read  {rate:7.1f} Mbp/s  {num_records:>10,} records")
+            sys.stderr.flush()
+
+    def seconds(self) -> float:
+        return time.monotonic() - self._t0
+
+
+def _compile(flag: str, pattern: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise UserError(f"--{flag}: invalid regular expression {pattern!r} ({e})") from None
+
+
+def _check_options(inputs: Sequence[str], window: int, stride: int, max_n: int, records_per_shard: int,
+                   valid_chroms: Sequence[str], test_chroms: Sequence[str]) -> None:
+    if not inputs:
+        raise UserError("no input: give --fasta and/or --csv files")
+    for path in inputs:
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: no such file")
+    if window <= 0:
+        raise UserError(f"--window must be positive, got {window}")
+    if stride <= 0:
+        raise UserError(f"--stride must be positive, got {stride}")
+    if max_n < 0:
+        raise UserError(f"--max_n must be >= 0, got {max_n}")
+    if records_per_shard <= 0:
+        raise UserError(f"--records_per_shard must be positive, got {records_per_shard}")
+    both = sorted(set(valid_chroms) & set(test_chroms))
+    if both:
+        raise UserError(f"chromosome(s) {', '.join(both)} in both --valid_chroms and --test_chroms")
+
+
+def prepare(
+    fasta_paths: Sequence[str],
+    out_dir: str | os.PathLike,
+    *,
+    csv_paths: Sequence[str] = (),
+    window: int = 8192,
+    stride: int | None = None,
+    max_n: int = 100,
+    keep_tail: bool = False,
+    valid_chroms: Sequence[str] = (),
+    test_chroms: Sequence[str] = (),
+    include: str = DEFAULT_INCLUDE,
+    exclude: str = DEFAULT_EXCLUDE,
+    records_per_shard: int = 8192,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Writes the dataset to `out_dir` and returns its manifest; raises UserError on bad input."""
+    stride = window if stride is None else stride
+    fasta_paths, csv_paths = [os.fspath(p) for p in fasta_paths], [os.fspath(p) for p in csv_paths]
+    valid_chroms, test_chroms = tuple(valid_chroms), tuple(test_chroms)
+    _check_options(fasta_paths + csv_paths, window, stride, max_n, records_per_shard, valid_chroms, test_chroms)
+    include_re, exclude_re = _compile("include", include), _compile("exclude", exclude)
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    if os.path.exists(out_dir) and not overwrite:
+        raise UserError(f"--out {out_dir} already exists (pass --overwrite to replace it)")
+    options = dict(window=window, stride=stride, max_n=max_n, keep_tail=keep_tail, valid_chroms=list(valid_chroms),
+                   test_chroms=list(test_chroms), include=include, exclude=exclude,
+                   records_per_shard=records_per_shard)
+    split_of = {**{c: "valid" for c in valid_chroms}, **{c: "test" for c in test_chroms}}
+
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp_dir = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    os.makedirs(tmp_dir)
+    writers = {s: records.ShardedWriter(tmp_dir, s, records_per_shard) for s in SPLITS}
+    stats = {s: _SplitStats() for s in SPLITS}
+    chromosomes: dict[str, dict] = {}
+    sources = []
+    bar = _Progress(progress)
+    read_bp = 0
+
+    def keep(chrom: str, path: str) -> str | None:
+        """The split of a chromosome, or None when include/exclude drop it; names must be unique."""
+        if chrom in chromosomes:
+            raise UserError(f"{path}: chromosome {chrom!r} appears twice in the input")
+        kept = bool(include_re.fullmatch(chrom)) and not exclude_re.fullmatch(chrom)
+        split = split_of.get(chrom, "train") if kept else None
+        chromosomes[chrom] = dict(bp=0, split=split or "excluded", file=path)
+        return split
+
+    def emit(split: str, chrom: str, start: int, bases: bytes | bytearray) -> None:
+        n = bases.count(b"N") + bases.count(b"n")
+        if n > max_n:
+            stats[split].dropped_windows += 1
+            return
+        stats[split].add(chrom, bases, n)
+        writers[split].write(records.encode_record(chrom, start, bases))
+
+    try:
+        for path in fasta_paths:
+            seen = fasta.SequenceStats()
+            chrom, split, windower = None, None, None
+            for name, bases in itertools.chain(fasta.read_fasta(path, seen), [(None, b"")]):
+                if not bases:  # a header, or the end of the file
+                    if windower is not None:
+                        for start, window_bases in windower.finish():
+                            if split is not None:
+                                emit(split, chrom, start, window_bases)
+                        chromosomes[chrom]["bp"] = windower.bp
+                        read_bp += windower.bp
+                    if name is not None:
+                        chrom, split, windower = name, keep(name, path), Windower(window, stride, keep_tail)
+                    continue
+                for start, window_bases in windower.feed(bases):
+                    if split is not None:
+                        emit(split, chrom, start, window_bases)
+                bar.update(read_bp + windower.bp, sum(s.records for s in stats.values()))
+            sources.append(_source(path, "fasta", seen))
+        for path in csv_paths:
+            seen = fasta.SequenceStats()
+            for chrom, start, bases in fasta.read_csv_bins(path, seen):
+                if chrom not in chromosomes:
+                    keep(chrom, path)
+                chromosomes[chrom]["bp"] += len(bases)
+                read_bp += len(bases)
+                split = None if chromosomes[chrom]["split"] == "excluded" else chromosomes[chrom]["split"]
+                if split is not None:
+                    emit(split, chrom, start, bases)
+            sources.append(_source(path, "csv", seen))
+        bar.update(read_bp, sum(s.records for s in stats.values()), force=True)
+        if progress:
+            sys.stderr.write("\n")
+        for flag, names in (("valid_chroms", valid_chroms), ("test_chroms", test_chroms)):
+            for chrom in names:
+                if chromosomes.get(chrom, {}).get("split", "excluded") == "excluded":
+                    why = "excluded by --include/--exclude" if chrom in chromosomes else "not in the input"
+                    raise UserError(f"--{flag}: chromosome {chrom!r} is {why}")
+        if not any(s.records for s in stats.values()):
+            raise UserError(f"no records: every window of {', '.join(fasta_paths + csv_paths)} was dropped or excluded")
+        for writer in writers.values():
+            writer.close()
+        manifest = dict(
+            format_version=records.FORMAT_VERSION,
+            record_layout="uint16 chrom_len | chrom utf-8 | uint64 start | ascii sequence (little-endian)",
+            sources=sources,
+            options=options,
+            splits={s: stats[s].to_json(writers[s].shards) for s in SPLITS},
+            chromosomes=chromosomes,
+            seconds=round(bar.seconds(), 3),
+        )
+        with open(os.path.join(tmp_dir, "manifest.json"), "w") as f:
+            json.dump(manifest, f, indent=1)
+        _replace(tmp_dir, out_dir)
+    except BaseException:
+        for writer in writers.values():
+            writer.close()
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _source(path: str, kind: str, seen: fasta.SequenceStats) -> dict:
+    return dict(path=os.path.abspath(path), kind=kind, size=os.path.getsize(path), sha256=seen.sha256.hexdigest(),
+                iupac_bases=seen.iupac_bases)
+
+
+def _replace(tmp_dir: str, out_dir: str) -> None:
+    """Moves the finished dataset into place; an old one (with --overwrite) goes only after that."""
+    old = None
+    if os.path.exists(out_dir):
+        old = f"{tmp_dir}.old"
+        os.rename(out_dir, old)
+    os.rename(tmp_dir, out_dir)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def summary_table(manifest: dict) -> str:
+    """Per-split records, bp, lowercase and N fractions, chromosomes and shards, as aligned text."""
+    rows = [("split", "records", "Mbp", "lowercase", "N", "chroms", "shards", "dropped")]
+    for name, split in manifest["splits"].items():
+        rows.append((name, f"{split['records']:,}", f"{split['bp'] / 1e6:,.2f}", f"{split['lowercase_fraction']:.1%}",
+                     f"{split['n_fraction']:.2%}", str(len(split["chroms"])), str(len(split["shards"])),
+                     f"{split['dropped_windows']:,}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    excluded = sorted(c for c, info in manifest["chromosomes"].items() if info["split"] == "excluded")
+    iupac = sum(s["iupac_bases"] for s in manifest["sources"])
+    lines.append(f"excluded chromosomes: {len(excluded)}; IUPAC codes mapped to N: {iupac:,}")
+    return "\n".join(lines)
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("fasta", [], "Softmasked FASTA file(s), plain or gzip (detected by content).")
+flags.DEFINE_list("csv", [], "CSV file(s) of the original project: Chrom,Start,End,Sequence, one bin per row.")
+flags.DEFINE_string("out", None, "Output folder: <split>/*.array_record and manifest.json.")
+flags.DEFINE_integer("window", 8192, "Window length in bp.")
+flags.DEFINE_integer("stride", None, "Distance between window starts in bp (default: the window).")
+flags.DEFINE_integer("max_n", 100, "Drop windows with more N bases than this.")
+flags.DEFINE_bool("keep_tail", False, "Keep the last partial window of each chromosome (shorter; padded at load).")
+flags.DEFINE_list("valid_chroms", [], "Chromosomes of the valid split (comma list).")
+flags.DEFINE_list("test_chroms", [], "Chromosomes of the test split (comma list).")
+flags.DEFINE_string("include", DEFAULT_INCLUDE, "Keep chromosomes whose whole name matches this regex.")
+flags.DEFINE_string("exclude", DEFAULT_EXCLUDE, "Drop chromosomes whose whole name matches this regex.")
+flags.DEFINE_integer("records_per_shard", 8192, "Records per ArrayRecord shard.")
+flags.DEFINE_bool("overwrite", False, "Replace an existing --out folder.")
+flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
+
+
+@exits_cleanly_on_user_error
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not FLAGS.out:
+        raise UserError("--out is required")
+    manifest = prepare(
+        FLAGS.fasta, FLAGS.out, csv_paths=FLAGS.csv, window=FLAGS.window, stride=FLAGS.stride, max_n=FLAGS.max_n,
+        keep_tail=FLAGS.keep_tail, valid_chroms=FLAGS.valid_chroms, test_chroms=FLAGS.test_chroms,
+        include=FLAGS.include, exclude=FLAGS.exclude, records_per_shard=FLAGS.records_per_shard,
+        overwrite=FLAGS.overwrite, progress=FLAGS.progress,
+    )
+    bp = sum(c["bp"] for c in manifest["chromosomes"].values())
+    print(summary_table(manifest))
+    print(f"read {bp / 1e6:,.1f} Mbp in {manifest['seconds']:.1f} s ({bp / 1e6 / max(manifest['seconds'], 1e-9):.1f} "
+          f"Mbp/s); wrote {FLAGS.out}")
+
+
+def run() -> None:
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
