@@ -1,0 +1,213 @@
+#!/usr/bin/env bash
+# One call on a fresh GPU machine (JAX, torch, transformers, flax, optax, orbax preinstalled; no network):
+# installs the project from the working tree, checks cuDNN attention against XLA, times the 500M preset
+# at sequence 8192 in the most promising variants with benchmarks.mfu, times the Hugging Face peer with
+# benchmarks.compare_hf (eager and torch.compile), and prints a short table LAST.
+#
+#   bash benchmarks/gpu_check.sh                       # GPU: ~7 min; device tool: carry [".whl"]
+#   GPU_CHECK_SMOKE=1 bash benchmarks/gpu_check.sh     # the same logic on CPU, demo preset (~2 min)
+#
+# Writes $OUT/gpu_check.log (everything) and $OUT/results.jsonl (one JSON line per variant).
+# Knobs: GPU_CHECK_BUDGET_S (default 400: variants that would start past it are skipped),
+# GPU_CHECK_VARIANT_TIMEOUT_S (default 150), PYTHON (default python3).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT=${OUT:-/tmp/gpu_check_out}
+mkdir -p "$OUT"
+LOG=$OUT/gpu_check.log
+RESULTS=$OUT/results.jsonl
+: >"$LOG"
+: >"$RESULTS"
+SMOKE=${GPU_CHECK_SMOKE:-0}
+PY=${PYTHON:-python3}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-400}
+VARIANT_TIMEOUT_S=${GPU_CHECK_VARIANT_TIMEOUT_S:-150}
+WORK=$(mktemp -d)
+export PYTHONUNBUFFERED=1
+# JAX preallocates 75% of the card by default; the 500M step at batch 4+ wants nearly all of it.
+export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
+# Each flag is explained in benchmarks/NOTES.md; the set is checked below and trimmed if XLA rejects one.
+TUNED_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_triton_gemm=false"
+
+log() { echo "[$(date -u +%T) +${SECONDS}s] $*" | tee -a "$LOG"; }
+record_failure() {  # variant error message → a JSON line, so the table shows what did not run
+  "$PY" -c 'import json,sys; print(json.dumps(dict(variant=sys.argv[1], error=sys.argv[2], message=sys.argv[3])))' \
+    "$1" "$2" "$3" >>"$RESULTS"
+}
+
+# --- 1. install: the wheels carried in .whl/ only where the image lacks the packages -------------------
+if "$PY" -c "import grain, array_record, ml_collections, portpicker, cloud_tpu_diagnostics" 2>/dev/null; then
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+else
+  log "installing .whl/*.whl into /tmp/site"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >>"$LOG" 2>&1 || { log "FATAL: wheel install failed (was .whl carried?)"; tail -20 "$LOG"; exit 1; }
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+"$PY" - >>"$LOG" 2>&1 <<'EOF'
+import importlib, platform
+print("python", platform.python_version())
+for name in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "grain", "ml_collections", "torch", "transformers"):
+    try:
+        print(name, getattr(importlib.import_module(name), "__version__", "?"))
+    except Exception as e:
+        print(name, "MISSING", e)
+EOF
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv >>"$LOG" 2>&1
+
+if [ "$SMOKE" = 1 ]; then
+  export JAX_PLATFORMS=cpu
+  PRESET=demo
+  SHAPE="--config.train.seq_len=128"
+  STEPS="--steps 2 --warmup 1"
+  HF_STEPS="--steps 2 --warmup 1"
+  ATTN=xla
+  REMAT_SAVING=full
+else
+  PRESET=nucleotide_gpt_500m
+  SHAPE="--config.train.seq_len=8192"
+  STEPS="--steps 10 --warmup 2"
+  HF_STEPS="--steps 8 --warmup 3"
+  ATTN=cudnn
+  REMAT_SAVING=${GPU_CHECK_REMAT_SAVING:-save_projections}
+fi
+log "preset $PRESET $SHAPE; budget ${BUDGET_S}s; per variant ${VARIANT_TIMEOUT_S}s"
+
+# --- 2. XLA flags: keep only those this jaxlib knows (an unknown flag aborts the process) ---------------
+flags_ok() { XLA_FLAGS="$1" timeout 90 "$PY" -c "import jax.numpy as jnp; jnp.ones(8).block_until_ready()" >/dev/null 2>&1; }
+if ! flags_ok "$TUNED_FLAGS"; then
+  kept=""
+  for flag in $TUNED_FLAGS; do
+    if flags_ok "$flag"; then kept="$kept $flag"; else log "XLA rejects $flag: dropped"; fi
+  done
+  TUNED_FLAGS=${kept# }
+fi
+log "tuned XLA_FLAGS: '$TUNED_FLAGS'"
+
+# --- 3. cuDNN attention vs the XLA reference, through the model's own `attend` --------------------------
+timeout 120 "$PY" - >"$WORK/attention.txt" 2>&1 <<'EOF'
+import jax, jax.numpy as jnp
+from nucgpt.model import attention
+
+if jax.default_backend() != "gpu":
+    print("attention cudnn vs xla: skipped (no GPU)")
+    raise SystemExit
+kq, kk, kv, kg = jax.random.split(jax.random.key(0), 4)
+shape = (2, 1024, 8, 128)
+q, k, v, g = (jax.random.normal(key, shape, jnp.bfloat16) for key in (kq, kk, kv, kg))
+q = q * 128 ** -0.5
+
+def loss(backend, q, k, v):
+    out = attention.attend(q, k, v, None, backend=backend)
+    return jnp.sum(out.astype(jnp.float32) * g.astype(jnp.float32)), out
+
+def rel(a, b):
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+(_, out_c), grads_c = jax.jit(jax.value_and_grad(lambda *a: loss("cudnn", *a), argnums=(0, 1, 2), has_aux=True))(q, k, v)
+(_, out_x), grads_x = jax.jit(jax.value_and_grad(lambda *a: loss("xla", *a), argnums=(0, 1, 2), has_aux=True))(q, k, v)
+errors = [rel(out_c, out_x)] + [rel(a, b) for a, b in zip(grads_c, grads_x)]
+verdict = "OK" if max(errors) < 2e-2 else "MISMATCH"
+print(f"attention cudnn vs xla {shape} bf16 causal: rel err out {errors[0]:.1e}, dq/dk/dv "
+      + "/".join(f"{e:.1e}" for e in errors[1:]) + f": {verdict}")
+EOF
+cat "$WORK/attention.txt" >>"$LOG"
+ATTENTION_LINE=$(tail -1 "$WORK/attention.txt")
+log "$ATTENTION_LINE"
+
+# --- 4. the variants, most promising first; skipped past the budget or after a smaller batch OOM'd -----
+declare -A OOM_AT
+run_mfu() {  # label batch remat scan flagset(default|tuned)
+  local label=$1 batch=$2 remat=$3 scan=$4 flagset=$5 key="$3|$4|$5" rc flags=""
+  if [ -n "${OOM_AT[$key]:-}" ] && [ "$batch" -ge "${OOM_AT[$key]}" ]; then
+    log "$label: skipped (batch ${OOM_AT[$key]} already ran out of memory)"; record_failure "$label" skipped "oom at smaller batch"; return
+  fi
+  if [ $((SECONDS + 60)) -gt "$BUDGET_S" ]; then
+    log "$label: skipped (time budget)"; record_failure "$label" skipped "time budget"; return
+  fi
+  [ "$flagset" = tuned ] && flags=$TUNED_FLAGS
+  log "$label: start (XLA_FLAGS='$flags')"
+  XLA_FLAGS="$flags" timeout -k 10 "$VARIANT_TIMEOUT_S" "$PY" -m benchmarks.mfu \
+    --config "configs/pretrain.py:$PRESET" $SHAPE --config.train.global_batch_size="$batch" \
+    --config.model.remat_policy="$remat" --config.model.attention="$ATTN" --config.model.scan_layers="$scan" \
+    $STEPS --label "$label" --json_out "$RESULTS" >"$WORK/$label.txt" 2>&1
+  rc=$?
+  cat "$WORK/$label.txt" >>"$LOG"
+  if [ $rc = 0 ]; then
+    log "$label: done"
+  elif [ $rc = 3 ] || grep -qE "RESOURCE_EXHAUSTED|[Oo]ut of memory" "$WORK/$label.txt"; then
+    OOM_AT[$key]=$batch
+    [ $rc = 3 ] || record_failure "$label" out_of_memory "crashed (rc $rc)"
+    log "$label: out of memory"
+  elif [ $rc = 124 ] || [ $rc = 137 ]; then
+    record_failure "$label" timeout "over ${VARIANT_TIMEOUT_S}s"; log "$label: timed out"
+  else
+    record_failure "$label" failed "rc $rc: $(grep -v '^\s*$' "$WORK/$label.txt" | tail -1 | cut -c1-200)"
+    log "$label: FAILED rc $rc"; tail -15 "$WORK/$label.txt"
+  fi
+}
+run_hf() {  # mode(eager|compile) batch
+  local label=hf_$1 rc need=45
+  [ "$1" = compile ] && need=90
+  if [ $((SECONDS + need)) -gt "$BUDGET_S" ]; then
+    log "$label: skipped (time budget)"; record_failure "$label" skipped "time budget"; return
+  fi
+  log "$label: start"
+  timeout -k 10 "$VARIANT_TIMEOUT_S" "$PY" -m benchmarks.compare_hf --config "configs/pretrain.py:$PRESET" $SHAPE \
+    --config.train.global_batch_size="$2" --mode "$1" $HF_STEPS --json_out "$RESULTS" >"$WORK/$label.txt" 2>&1
+  rc=$?
+  cat "$WORK/$label.txt" >>"$LOG"
+  if [ $rc = 0 ]; then log "$label: done"; else
+    record_failure "$label" failed "rc $rc: $(grep -v '^\s*$' "$WORK/$label.txt" | tail -1 | cut -c1-200)"
+    log "$label: FAILED rc $rc"; tail -15 "$WORK/$label.txt"
+  fi
+}
+
+if [ "$SMOKE" = 1 ]; then
+  run_mfu b8_none_tuned 8 none true tuned
+  run_hf compile 8
+  run_mfu b16_full_tuned 16 full true tuned
+  run_mfu b8_none_default 8 none true default
+  run_hf eager 8
+else
+  run_mfu b4_none_tuned 4 none true tuned
+  run_hf compile 4
+  run_mfu "b8_${REMAT_SAVING}_tuned" 8 "$REMAT_SAVING" true tuned
+  run_mfu b4_none_default 4 none true default
+  run_hf eager 4
+  run_mfu b4_none_unrolled_tuned 4 none false tuned
+  run_mfu b8_none_tuned 8 none true tuned
+fi
+
+# --- 5. the table, last ----------------------------------------------------------------------------------
+log "total ${SECONDS}s"
+"$PY" - "$RESULTS" "$ATTENTION_LINE" <<'EOF' | tee -a "$LOG"
+import json, sys
+
+records = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
+ran = [r for r in records if "tokens_per_sec" in r]
+hf_compile = next((r["tokens_per_sec"] for r in ran if r.get("variant") == "hf_compile"), None)
+print()
+print(sys.argv[2])
+print(f"{'variant':<34}{'tokens/s':>11}{'MFU':>8}{'TFLOP/s':>9}{'peak GiB':>10}{'step ms':>9}{'compile s':>10}{'/HF cmp':>9}")
+for r in records:
+    if "tokens_per_sec" not in r:
+        print(f"{r.get('variant', '?'):<34}  {r.get('error')}: {r.get('message', '')[:80]}")
+        continue
+    mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}"
+    memory = "n/a" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**30:.1f}"
+    compile_s = "n/a" if r["compile_time_s"] is None else f"{r['compile_time_s']:.0f}"
+    ratio = f"{r['tokens_per_sec'] / hf_compile:.2f}x" if hf_compile else "n/a"
+    print(f"{r['variant']:<34}{r['tokens_per_sec']:>11,.0f}{mfu:>8}{r['tflops_per_device']:>9.0f}{memory:>10}"
+          f"{r['step_time_s']['median'] * 1e3:>9.1f}{compile_s:>10}{ratio:>9}")
+ours = [r for r in ran if r.get("tool") == "mfu"]
+if ours:
+    best = max(ours, key=lambda r: r["tokens_per_sec"])
+    mfu = "n/a" if best["mfu"] is None else f"{best['mfu']:.1%}"
+    ratio = f"{best['tokens_per_sec'] / hf_compile:.2f}x HF compile" if hf_compile else "no HF compile figure"
+    print(f"best: {best['variant']} {best['tokens_per_sec']:,.0f} tokens/s, MFU {mfu}, {ratio} "
+          f"(targets: MFU >= 55%, >= 1.50x HF compile) on {best['device_kind']}")
+EOF
+rm -rf "$WORK"

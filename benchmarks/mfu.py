@@ -1,0 +1,295 @@
+"""MFU of the real train step: `nucgpt.step.build_trainer` on synthetic batches, any devices, any mesh.
+
+    python -m benchmarks.mfu --config configs/pretrain.py:nucleotide_gpt_500m \
+        --config.train.global_batch_size=4 --config.model.attention=cudnn --steps 10
+    python -m benchmarks.mfu --config configs/pretrain.py:demo --sweep \
+        --sweep_batch_sizes=8,16 --sweep_remat=none,full --sweep_attention=xla
+    python -m benchmarks.mfu --config configs/pretrain.py:nucleotide_gpt_500m --dry_run
+
+The step timed is the one `nucgpt.train` runs (same mesh, shardings, donation, optimizer): it is
+compiled ahead of time from the live state and batch (`.lower().compile()`, so compile time is
+measured apart), warmed up, then each step is timed to completion. MFU = model FLOP/s per device
+(`nucgpt.flops.train_flops_per_token` × tokens/s ÷ devices) over the device peak from
+`nucgpt.flops.peak_flops_per_device`, or `--peak_tflops`; with neither it is null, never guessed.
+
+Output: benchmarks.report's table, then one JSON line (appended to `--json_out` too). A variant
+that runs out of device memory prints a JSON line with `"error": "out_of_memory"` and, outside a
+sweep, exits 3. `--sweep` tries batch sizes × remat policies × attention backends (a larger batch
+is skipped once a smaller one ran out of memory) and reports the fastest that fit.
+`--dry_run` compiles for abstract inputs only (nothing allocated): per-device memory and HLO
+statistics, e.g. for the 500M step on a CPU.
+"""
+
+import copy
+import gc
+import os
+import re
+import sys
+import time
+from typing import Any
+
+import jax
+from absl import app, flags
+from ml_collections import ConfigDict, config_flags
+
+from benchmarks import report
+from nucgpt import flops, step
+from nucgpt.errors import UserError, exits_cleanly_on_user_error
+
+config_flags.DEFINE_config_file("config", None, "configs/pretrain.py:<preset>", lock_config=True)
+flags.DEFINE_integer("steps", 10, "timed steps")
+flags.DEFINE_integer("warmup", 2, "untimed steps after compilation (allocator, autotuned kernels)")
+flags.DEFINE_float("peak_tflops", None, "device peak in dense bf16 TFLOP/s; default from nucgpt.flops")
+flags.DEFINE_string("json_out", "", "append each JSON line to this file")
+flags.DEFINE_string("label", "", "a name for this run in the JSON (`variant`); default from the settings")
+flags.DEFINE_bool("sweep", False, "try batch sizes x remat policies x attention backends")
+flags.DEFINE_list("sweep_batch_sizes", [], "global batch sizes to sweep (default: the config's)")
+flags.DEFINE_list("sweep_remat", [], "remat policies to sweep (default: the config's)")
+flags.DEFINE_list("sweep_attention", [], "attention backends to sweep (default: the config's)")
+flags.DEFINE_bool("dry_run", False, "compile for abstract inputs only: memory and HLO statistics")
+FLAGS = flags.FLAGS
+
+EXIT_OUT_OF_MEMORY = 3
+OOM_MARKERS = ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "OOM")
+
+
+class OutOfMemory(Exception):
+    """The variant does not fit in device memory (at compile time or at run time)."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return any(marker in str(error) for marker in OOM_MARKERS)
+
+
+def variant_name(config: ConfigDict) -> str:
+    m = config.model
+    return (
+        f"b{config.train.global_batch_size}_remat-{m.remat_policy}_attn-{m.attention}"
+        f"_{'scan' if m.scan_layers else 'unrolled'}"
+    )
+
+
+def mesh_shape(mesh: jax.sharding.Mesh) -> dict[str, int]:
+    return {name: int(size) for name, size in zip(mesh.axis_names, mesh.devices.shape)}
+
+
+def peak_memory_bytes() -> int | None:
+    """Largest `peak_bytes_in_use` over this process's devices; None where the runtime keeps none (CPU)."""
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
+    peaks = [p for p in peaks if p is not None]
+    return max(peaks) if peaks else None
+
+
+def memory_analysis(compiled) -> dict[str, int] | None:
+    """XLA's per-device plan: arguments, outputs, temporaries; `estimate` = what must be live at once."""
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return None
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+              "generated_code_size_in_bytes")
+    result = {f: int(getattr(analysis, f, 0)) for f in fields}
+    result["estimate"] = (
+        result["argument_size_in_bytes"] + result["output_size_in_bytes"] - result["alias_size_in_bytes"]
+        + result["temp_size_in_bytes"]
+    )
+    return result
+
+
+def hlo_statistics(compiled) -> dict[str, int]:
+    """Counts in the optimised HLO that explain speed: kernels launched, casts, loops, library calls."""
+    text = compiled.as_text()
+    return {
+        "fusions": len(re.findall(r"^\s*\S+ = \S+ fusion\(", text, re.M)),
+        "converts_to_f32": len(re.findall(r"= f32\[[^\]]*\]\S* convert\(", text)),
+        "converts_to_bf16": len(re.findall(r"= bf16\[[^\]]*\]\S* convert\(", text)),
+        "while_loops": len(re.findall(r" while\(", text)),
+        "custom_calls": len(re.findall(r" custom-call\(", text)),
+        "cudnn_attention_calls": len(re.findall(r'custom_call_target="__cudnn\$fmha', text)),
+        "all_gathers": len(re.findall(r" all-gather(?:-start)?\(", text)),
+        "reduce_scatters": len(re.findall(r" reduce-scatter\(", text)),
+        "all_reduces": len(re.findall(r" all-reduce(?:-start)?\(", text)),
+        "copies": len(re.findall(r" copy\(", text)),
+    }
+
+
+def xla_flops_per_step(compiled) -> float | None:
+    costs = compiled.cost_analysis()
+    if isinstance(costs, (list, tuple)):
+        costs = costs[0] if costs else None
+    return float(costs["flops"]) if costs and "flops" in costs else None
+
+
+def device_peak(device_kind: str) -> float | None:
+    return FLAGS.peak_tflops * 1e12 if FLAGS.peak_tflops else flops.peak_flops_per_device(device_kind)
+
+
+def common_fields(config: ConfigDict) -> dict[str, Any]:
+    return dict(
+        tool="mfu",
+        variant=FLAGS.label or variant_name(config),
+        preset=config.get("preset", ""),
+        remat_policy=config.model.remat_policy,
+        attention=config.model.attention,
+        scan_layers=config.model.scan_layers,
+        backend=jax.default_backend(),
+        jax_version=jax.__version__,
+        xla_flags=os.environ.get("XLA_FLAGS", ""),
+    )
+
+
+def measure(config: ConfigDict, steps: int, warmup: int) -> dict[str, Any]:
+    """Builds the trainer, compiles its step for a synthetic batch, times `steps` steps; one record."""
+    trainer = step.build_trainer(config)
+    try:
+        state = trainer.init_state()
+        batch = trainer.dummy_global_batch()
+        compile_start = time.perf_counter()
+        compiled = trainer.train_step.lower(state, batch).compile()
+        compile_time_s = time.perf_counter() - compile_start
+        params = flops.count_params(state["params"])
+
+        def run_step():
+            nonlocal state
+            state, metrics = compiled(state, batch)
+            return state, metrics
+
+        report.time_steps(run_step, jax.block_until_ready, warmup)
+        step_times_s = report.time_steps(run_step, jax.block_until_ready, steps)
+    except Exception as e:
+        if is_out_of_memory(e):
+            raise OutOfMemory(str(e).splitlines()[0][:300]) from None
+        raise
+    device_kind = jax.devices()[0].device_kind
+    return report.make_record(
+        device_kind=device_kind,
+        num_devices=jax.device_count(),
+        mesh=mesh_shape(trainer.mesh),
+        global_batch=config.train.global_batch_size,
+        seq_len=config.train.seq_len,
+        step_times_s=step_times_s,
+        flops_per_token=flops.train_flops_per_token(config.model, config.train.seq_len),
+        peak_flops_per_device=device_peak(device_kind),
+        peak_memory_bytes=peak_memory_bytes(),
+        compile_time_s=compile_time_s,
+        params=params,
+        **common_fields(config),
+        compiled_memory=memory_analysis(compiled),
+    )
+
+
+def dry_run(config: ConfigDict) -> dict[str, Any]:
+    """Compiles the step for abstract state and batch: what it would need, without allocating it."""
+    trainer = step.build_trainer(config)
+    compile_start = time.perf_counter()
+    compiled = trainer.train_step.lower(trainer.abstract_state, trainer.abstract_batch()).compile()
+    tokens = config.train.global_batch_size * config.train.seq_len
+    return dict(
+        dry_run=True,
+        device_kind=jax.devices()[0].device_kind,
+        num_devices=jax.device_count(),
+        mesh=mesh_shape(trainer.mesh),
+        global_batch=config.train.global_batch_size,
+        seq_len=config.train.seq_len,
+        params=flops.count_params(trainer.abstract_state["params"]),
+        compile_time_s=time.perf_counter() - compile_start,
+        flops_per_token=flops.train_flops_per_token(config.model, config.train.seq_len),
+        xla_flops_per_token=(lambda f: f * jax.device_count() / tokens if f else None)(xla_flops_per_step(compiled)),
+        compiled_memory=memory_analysis(compiled),
+        hlo=hlo_statistics(compiled),
+        **common_fields(config),
+    )
+
+
+def format_dry_run(record: dict[str, Any]) -> str:
+    gib = lambda n: f"{n / 2**30:.2f} GiB"
+    memory = record["compiled_memory"] or {}
+    lines = [
+        f"dry run: {record['variant']} on {record['num_devices']} x {record['device_kind']}, mesh {record['mesh']}",
+        f"params {record['params'] / 1e6:.1f}M; compile {record['compile_time_s']:.1f} s",
+        f"FLOPs per token: model {record['flops_per_token'] / 1e9:.3f} G, XLA counts "
+        + ("n/a" if record["xla_flops_per_token"] is None else f"{record['xla_flops_per_token'] / 1e9:.3f} G"),
+        "per-device memory: " + ", ".join(f"{k.replace('_size_in_bytes', '')} {gib(v)}" for k, v in memory.items()),
+        "HLO: " + ", ".join(f"{k} {v}" for k, v in record["hlo"].items()),
+    ]
+    return "\n".join(lines)
+
+
+def with_settings(config: ConfigDict, batch_size: int, remat: str, attention: str) -> ConfigDict:
+    variant = copy.deepcopy(config)
+    variant.train.global_batch_size = batch_size
+    variant.model.remat_policy = remat
+    variant.model.attention = attention
+    return variant
+
+
+def out_of_memory_record(config: ConfigDict, error: OutOfMemory) -> dict[str, Any]:
+    return dict(
+        tool="mfu", variant=FLAGS.label or variant_name(config), error="out_of_memory", message=str(error),
+        global_batch=config.train.global_batch_size, seq_len=config.train.seq_len,
+        remat_policy=config.model.remat_policy, attention=config.model.attention,
+        device_kind=jax.devices()[0].device_kind, xla_flags=os.environ.get("XLA_FLAGS", ""),
+    )
+
+
+def release_device_memory() -> None:
+    """Drops compiled executables and dead buffers so the next variant starts from an empty device."""
+    gc.collect()
+    jax.clear_caches()
+    gc.collect()
+
+
+def sweep(config: ConfigDict) -> list[dict[str, Any]]:
+    """Every combination that fits, smallest batch first; returns the records that ran."""
+    batch_sizes = sorted(int(b) for b in FLAGS.sweep_batch_sizes or [config.train.global_batch_size])
+    remats = FLAGS.sweep_remat or [config.model.remat_policy]
+    attentions = FLAGS.sweep_attention or [config.model.attention]
+    records = []
+    for attention in attentions:
+        for remat in remats:
+            for batch_size in batch_sizes:
+                variant = with_settings(config, batch_size, remat, attention)
+                try:
+                    record = measure(variant, FLAGS.steps, FLAGS.warmup)
+                except OutOfMemory as e:
+                    print(f"{variant_name(variant)}: out of memory; larger batches skipped", flush=True)
+                    report.write_json(out_of_memory_record(variant, e), FLAGS.json_out)
+                    break
+                finally:
+                    release_device_memory()
+                report.emit(record, FLAGS.json_out)
+                records.append(record)
+    return records
+
+
+@exits_cleanly_on_user_error
+def main(argv):
+    if len(argv) > 1:
+        raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+    config = FLAGS.config
+    if config is None:
+        raise UserError("--config is required, e.g. --config configs/pretrain.py:demo")
+    if FLAGS.steps < 1 or FLAGS.warmup < 0:
+        raise UserError("--steps must be at least 1 and --warmup at least 0")
+    if FLAGS.dry_run:
+        record = dry_run(config)
+        print(format_dry_run(record), flush=True)
+        report.write_json(record, FLAGS.json_out)
+        return
+    if FLAGS.sweep:
+        records = sweep(config)
+        if not records:
+            raise UserError("no variant of the sweep fits in device memory")
+        print("fastest that fits:", flush=True)
+        report.emit(max(records, key=lambda r: r["tokens_per_sec"]) | {"fastest_of_sweep": True})
+        return
+    try:
+        record = measure(config, FLAGS.steps, FLAGS.warmup)
+    except OutOfMemory as e:
+        print(f"{variant_name(config)}: out of memory", file=sys.stderr, flush=True)
+        report.write_json(out_of_memory_record(config, e), FLAGS.json_out)
+        sys.exit(EXIT_OUT_OF_MEMORY)
+    report.emit(record, FLAGS.json_out)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,103 @@
+"""The record both speed tools print (benchmarks.mfu for our trainer, benchmarks.compare_hf for the
+peer), so their JSON lines and tables compare field for field. Pure Python: no jax, no torch."""
+
+import json
+import statistics
+import time
+from typing import Callable, Sequence
+
+# The JSON keys the issue names, in print order; tools add their own keys after these.
+RECORD_KEYS = (
+    "device_kind", "num_devices", "mesh", "global_batch", "seq_len", "step_time_s",
+    "tokens_per_sec", "tokens_per_sec_per_device", "tflops_per_device", "mfu",
+    "peak_memory_bytes", "compile_time_s", "params",
+)
+
+
+def time_steps(run_step: Callable[[], object], wait: Callable[[object], None], steps: int) -> list[float]:
+    """Wall time of each of `steps` calls, each waited for before the clock stops.
+
+    Waiting on every step costs one host round trip (tens of microseconds) per step of hundreds of
+    milliseconds, and buys a per-step spread (median, min, max) that a single end-to-end timing hides.
+    """
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        wait(run_step())
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def make_record(
+    *,
+    device_kind: str,
+    num_devices: int,
+    mesh: dict | None,
+    global_batch: int,
+    seq_len: int,
+    step_times_s: Sequence[float],
+    flops_per_token: float,
+    peak_flops_per_device: float | None,
+    peak_memory_bytes: int | None,
+    compile_time_s: float | None,
+    params: int,
+    **extra,
+) -> dict:
+    """One measurement: throughput from the median step; MFU only from a known peak, never guessed."""
+    median_s = statistics.median(step_times_s)
+    tokens_per_sec = global_batch * seq_len / median_s
+    flops_per_sec_per_device = tokens_per_sec * flops_per_token / num_devices
+    mfu = flops_per_sec_per_device / peak_flops_per_device if peak_flops_per_device else None
+    record = dict(
+        device_kind=device_kind,
+        num_devices=num_devices,
+        mesh=mesh,
+        global_batch=global_batch,
+        seq_len=seq_len,
+        step_time_s=dict(median=median_s, min=min(step_times_s), max=max(step_times_s)),
+        tokens_per_sec=tokens_per_sec,
+        tokens_per_sec_per_device=tokens_per_sec / num_devices,
+        tflops_per_device=flops_per_sec_per_device / 1e12,
+        mfu=mfu,
+        peak_memory_bytes=peak_memory_bytes,
+        compile_time_s=compile_time_s,
+        params=params,
+    )
+    record.update(flops_per_token=flops_per_token, peak_flops_per_device=peak_flops_per_device, **extra)
+    return record
+
+
+def format_table(record: dict) -> str:
+    """A human-readable block for one record (the JSON line follows it for machines)."""
+    step = record["step_time_s"]
+    mfu = record["mfu"]
+    memory = record["peak_memory_bytes"]
+    rows = [
+        ("device", f"{record['num_devices']} x {record['device_kind']}"),
+        ("mesh", record["mesh"]),
+        ("global batch x seq", f"{record['global_batch']} x {record['seq_len']}"),
+        ("params", f"{record['params'] / 1e6:.1f}M"),
+        ("step time (s)", f"median {step['median']:.4f}  min {step['min']:.4f}  max {step['max']:.4f}"),
+        ("tokens/s", f"{record['tokens_per_sec']:,.0f} ({record['tokens_per_sec_per_device']:,.0f} per device)"),
+        ("TFLOP/s per device", f"{record['tflops_per_device']:.1f}"),
+        ("MFU", "unknown (no peak for this device; pass --peak_tflops)" if mfu is None else f"{mfu:.1%}"),
+        ("peak memory", "unknown" if memory is None else f"{memory / 2**30:.2f} GiB"),
+        ("compile time (s)", "n/a" if record["compile_time_s"] is None else f"{record['compile_time_s']:.1f}"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def write_json(record: dict, json_out: str = "") -> None:
+    """Prints the record as one JSON line (last, so `tail -1` gets it); appends it to `json_out`."""
+    line = json.dumps(record)
+    print(line, flush=True)
+    if json_out:
+        with open(json_out, "a") as f:
+            f.write(line + "\n")
+
+
+def emit(record: dict, json_out: str = "") -> None:
+    """A measurement: the table for people, then the JSON line for machines."""
+    print(format_table(record), flush=True)
+    write_json(record, json_out)
