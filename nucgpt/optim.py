@@ -22,24 +22,19 @@ def learning_rate_schedule(optim: ConfigDict, steps: int) -> optax.Schedule:
     )
 
 
-def _is_embedding(path: tuple) -> bool:
-    return any(str(getattr(k, "key", getattr(k, "name", k))) in EMBEDDING_NAMES for k in path)
-
-
 def decay_mask(params: Any, decay_norms_and_embeddings: bool) -> Any:
-    """True where weight decay applies: matrices, but not embedding tables; norms/biases are 1-D.
+    """True where weight decay applies: weight matrices, not norm scales, biases or the input embedding.
 
-    Works on abstract params (ShapeDtypeStruct) too. With a scanned layer stack a norm scale is
-    [layers, d], so the leading `layers` axis is not counted: a leaf is a matrix when it has two
-    or more dimensions besides a stacked layer axis.
+    Decided by name (a stacked layer axis makes a norm scale 2-D, so rank alone cannot tell), and
+    works on abstract params too. The output projection (`unembedding`) is a matrix and is decayed.
     """
     if decay_norms_and_embeddings:
         return jax.tree.map(lambda _: True, params)
 
     def is_decayed(path, x) -> bool:
         names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-        stacked = any(n in ("layers", "blocks") for n in names)
-        return x.ndim - int(stacked) >= 2 and not _is_embedding(path)
+        exempt = any("norm" in n or "bias" in n or n in EMBEDDING_NAMES for n in names)
+        return x.ndim >= 2 and not exempt
 
     return jax.tree_util.tree_map_with_path(is_decayed, params)
 

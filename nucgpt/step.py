@@ -29,16 +29,17 @@ TrainState = dict[str, Any]
 class MeshBound:
     """A jitted function that always traces, lowers and runs with its mesh set (for `constrain`)."""
 
-    def __init__(self, jitted: Callable, mesh: Mesh):
+    def __init__(self, jitted: Callable, mesh: Mesh, rules: sharding.Rules):
         self.jitted = jitted
         self.mesh = mesh
+        self.rules = rules
 
     def __call__(self, *args):
-        with jax.set_mesh(self.mesh):
+        with sharding.use_mesh(self.mesh, self.rules):
             return self.jitted(*args)
 
     def lower(self, *args):
-        with jax.set_mesh(self.mesh):
+        with sharding.use_mesh(self.mesh, self.rules):
             return self.jitted.lower(*args)
 
 
@@ -59,7 +60,7 @@ class Trainer:
     state_shardings: TrainState
     abstract_state: TrainState
     batch_shardings: dict[str, NamedSharding]
-    init_state: Callable[[], TrainState]
+    init_state: "MeshBound"
     train_step: MeshBound
     eval_step: MeshBound
 
@@ -116,7 +117,8 @@ def build_trainer(config: ConfigDict, mesh: Mesh | None = None) -> Trainer:
     tx = optim.make_optimizer(config.optim, config.train.steps)
     schedule = optim.learning_rate_schedule(config.optim, config.train.steps)
 
-    with jax.set_mesh(mesh):
+    rules = config.mesh.logical_axis_rules
+    with sharding.use_mesh(mesh, rules):
         graphdef, abstract_params, param_shardings = _param_shardings(task, config, mesh)
         opt_shardings = _opt_shardings(tx, abstract_params, param_shardings, replicated)
     state_shardings = {"step": replicated, "params": param_shardings, "opt_state": opt_shardings}
@@ -126,7 +128,7 @@ def build_trainer(config: ConfigDict, mesh: Mesh | None = None) -> Trainer:
         state_shardings,
     )
     batch_shardings = {
-        k: NamedSharding(mesh, sharding.logical_to_mesh_spec(axes, config.mesh.logical_axis_rules))
+        k: NamedSharding(mesh, sharding.logical_to_mesh_spec(axes, rules))
         for k, axes in task.batch_axes(config).items()
     }
     accum = config.train.grad_accum_steps
@@ -161,7 +163,7 @@ def build_trainer(config: ConfigDict, mesh: Mesh | None = None) -> Trainer:
 
     def init_state() -> TrainState:
         _, params = sharding.init_sharded(
-            lambda rngs: task.build_model(config, rngs), mesh, config.mesh.logical_axis_rules, config.train.seed
+            lambda rngs: task.build_model(config, rngs), mesh, rules, config.train.seed
         )
         params = task.initial_params(config, nnx.to_pure_dict(params), param_shardings)
         opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
@@ -181,12 +183,7 @@ def build_trainer(config: ConfigDict, mesh: Mesh | None = None) -> Trainer:
         state_shardings=state_shardings,
         abstract_state=abstract_state,
         batch_shardings=batch_shardings,
-        init_state=lambda: _with_mesh(mesh, init_state),
-        train_step=MeshBound(jit_train, mesh),
-        eval_step=MeshBound(jit_eval, mesh),
+        init_state=MeshBound(init_state, mesh, rules),
+        train_step=MeshBound(jit_train, mesh, rules),
+        eval_step=MeshBound(jit_eval, mesh, rules),
     )
-
-
-def _with_mesh(mesh: Mesh, fn: Callable[[], Any]) -> Any:
-    with jax.set_mesh(mesh):
-        return fn()
