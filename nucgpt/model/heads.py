@@ -40,10 +40,10 @@ class ClassificationHead(nnx.Module):
     def __init__(self, d_model: int, num_classes: int, *, init_std: float, rngs: nnx.Rngs):
         init = jax.nn.initializers.normal(init_std)
         self.hidden = nnx.Linear(
-            d_model, d_model, kernel_init=nnx.with_partitioning(init, ("embed", None)), rngs=rngs
+            d_model, d_model, kernel_init=init, kernel_metadata={"logical_axes": ("embed", None)}, rngs=rngs
         )
         self.output = nnx.Linear(
-            d_model, num_classes, kernel_init=nnx.with_partitioning(init, ("embed", "classes")), rngs=rngs
+            d_model, num_classes, kernel_init=init, kernel_metadata={"logical_axes": ("embed", "classes")}, rngs=rngs
         )
 
     def __call__(self, pooled_BxD: jax.Array) -> jax.Array:
