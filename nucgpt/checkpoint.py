@@ -1,0 +1,190 @@
+"""Checkpoints that never lose work: orbax `CheckpointManager` over params, optimizer, data position.
+
+Layout under `<workdir>/checkpoints/<step>/`:
+  params/     the model parameters (a nested dict; fine-tuning restores only this item)
+  train/      {"step", "opt_state"}
+  data/       each process's input-iterator state, `process_<i>-of-<n>.json`
+  config/     the resolved config (JSON), so a checkpoint folder is self-describing
+Saves are asynchronous (the next steps run while arrays are written); a step folder appears only
+once complete, so a kill mid-save leaves the previous checkpoint as the latest. Restoring takes
+target shardings, so a checkpoint written on one mesh restores onto any other. Paths may be
+`gs://...` wherever a local path is accepted (orbax and etils handle both).
+"""
+
+import dataclasses
+import json
+from typing import Any, Iterator, Mapping
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from ml_collections import ConfigDict
+
+from nucgpt.errors import UserError
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class IteratorStateHandler(ocp.CheckpointHandler):
+    """Each process writes and reads its own iterator state (Grain `get_state()`, a dict or bytes).
+
+    Like Grain's own orbax handler, but a layout written by a different process count is reported
+    (restore returns False) instead of failing, so a checkpoint still restores onto another shape.
+    """
+
+    def save(self, directory: epath.Path, args: "IteratorSave") -> None:
+        state = args.iterator.get_state()
+        payload = {"bytes": state.decode("latin-1")} if isinstance(state, bytes) else {"state": state}
+        (directory / _iterator_file()).write_text(json.dumps(payload))
+
+    def restore(self, directory: epath.Path, args: "IteratorRestore") -> bool:
+        path = directory / _iterator_file()
+        if not path.exists():
+            return False
+        payload = json.loads(path.read_text())
+        args.iterator.set_state(payload["bytes"].encode("latin-1") if "bytes" in payload else payload["state"])
+        return True
+
+    def metadata(self, directory: epath.Path) -> None:
+        return None
+
+    def finalize(self, directory: epath.Path) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _iterator_file() -> str:
+    return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+
+@ocp.args.register_with_handler(IteratorStateHandler, for_save=True)
+@dataclasses.dataclass
+class IteratorSave(ocp.args.CheckpointArgs):
+    iterator: Any
+
+
+@ocp.args.register_with_handler(IteratorStateHandler, for_restore=True)
+@dataclasses.dataclass
+class IteratorRestore(ocp.args.CheckpointArgs):
+    iterator: Any
+
+
+def config_to_json(config: ConfigDict) -> dict:
+    return json.loads(config.to_json())
+
+
+def config_from_json(data: Mapping) -> ConfigDict:
+    """The inverse of `config_to_json`; the axis-rule table comes back as tuples, as presets write it."""
+    config = ConfigDict(dict(data))
+    if "mesh" in config and "logical_axis_rules" in config.mesh:
+        config.mesh.logical_axis_rules = tuple(
+            (name, tuple(target) if isinstance(target, list) else target) for name, target in config.mesh.logical_axis_rules
+        )
+    return config
+
+
+def save_config(workdir: str, config: ConfigDict) -> None:
+    """`<workdir>/config.json`: what fine-tuning reads to rebuild the pretrained model and tokenizer."""
+    path = epath.Path(workdir) / CONFIG_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config_to_json(config), indent=2) + "\n")
+
+
+class Checkpoints:
+    """Save / resume for one workdir. All processes call every method (orbax coordinates them)."""
+
+    def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
+        self.directory = epath.Path(workdir) / CHECKPOINT_DIR
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, state: Mapping[str, Any], data_iterator: Any, config: ConfigDict) -> None:
+        """Starts an (asynchronous) save of `state` at its own step; returns once the arrays are copied."""
+        step = int(jax.device_get(state["step"]))
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(state["params"]),
+            train=ocp.args.StandardSave({"step": state["step"], "opt_state": state["opt_state"]}),
+            data=IteratorSave(data_iterator),
+            config=ocp.args.JsonSave(config_to_json(config)),
+        )
+        self.manager.save(step, args=args, force=True)
+
+    def restore_latest(self, abstract_state: Mapping[str, Any], data_iterator: Any) -> Mapping[str, Any] | None:
+        """The newest checkpoint that restores, onto `abstract_state`'s shardings; None when there is none.
+
+        A checkpoint that fails to restore (corrupt or partial files) is reported and the previous
+        one is tried. The data iterator's position is restored too when the checkpoint was written
+        by the same number of processes; otherwise the data restarts, which is said.
+        """
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        for i, step in enumerate(steps):
+            try:
+                restored = self.manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        params=ocp.args.StandardRestore(abstract_state["params"]),
+                        train=ocp.args.StandardRestore(
+                            {"step": abstract_state["step"], "opt_state": abstract_state["opt_state"]}
+                        ),
+                        data=IteratorRestore(data_iterator),
+                    ),
+                )
+            except Exception as e:  # noqa: BLE001 — any failure to read a step means: try the one before
+                fallback = f"falling back to step {steps[i + 1]}" if i + 1 < len(steps) else "no older checkpoint; starting fresh"
+                message = f"checkpoint step {step} in {self.directory} is corrupt or partial ({type(e).__name__}: {_first_line(e)}); {fallback}"
+                logging.warning(message)
+                print(f"warning: {message}", flush=True)
+                continue
+            if not restored["data"]:
+                message = f"checkpoint step {step} holds no data-iterator state for {jax.process_count()} process(es); the data order restarts"
+                logging.warning(message)
+                print(f"warning: {message}", flush=True)
+            print(f"resumed from checkpoint step {step} in {self.directory}", flush=True)
+            return {"step": restored["train"]["step"], "params": restored["params"], "opt_state": restored["train"]["opt_state"]}
+        return None
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else ""
+
+
+def _resolve_step_dir(init_from: str) -> epath.Path:
+    """A workdir (its latest checkpoint), a `checkpoints/` folder, or one step folder → the step folder."""
+    path = epath.Path(init_from)
+    if (path / "params").exists():
+        return path
+    directory = path / CHECKPOINT_DIR if (path / CHECKPOINT_DIR).exists() else path
+    steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.exists() else []
+    if not steps:
+        raise UserError(f"init_from: no checkpoint found in {init_from} (expected a workdir, its checkpoints/ or a step folder)")
+    return directory / str(steps[-1])
+
+
+def load_pretrained(init_from: str, abstract_params: Any = None) -> tuple[ConfigDict, Any]:
+    """(the pretraining config, its params) from a workdir or a checkpoint step folder.
+
+    With `abstract_params` (ShapeDtypeStructs carrying shardings) the params are restored straight
+    into those shards (do this on multi-device runs); without, as single-device arrays.
+    """
+    step_dir = _resolve_step_dir(init_from)
+    config = config_from_json(json.loads((step_dir / "config" / "metadata").read_text()))
+    checkpointer = ocp.StandardCheckpointer()
+    params = checkpointer.restore(step_dir / "params", abstract_params) if abstract_params is not None else checkpointer.restore(step_dir / "params")
+    return config, params
