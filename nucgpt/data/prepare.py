@@ -296,20 +296,24 @@ def summary_table(manifest: dict) -> str:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("fasta", [], "Softmasked FASTA file(s), plain or gzip (detected by content).")
-flags.DEFINE_list("csv", [], "CSV file(s) of the original project: Chrom,Start,End,Sequence, one bin per row.")
-flags.DEFINE_string("out", None, "Output folder: <split>/*.array_record and manifest.json.")
-flags.DEFINE_integer("window", 8192, "Window length in bp.")
-flags.DEFINE_integer("stride", None, "Distance between window starts in bp (default: the window).")
-flags.DEFINE_integer("max_n", 100, "Drop windows with more N bases than this.")
-flags.DEFINE_bool("keep_tail", False, "Keep the last partial window of each chromosome (shorter; padded at load).")
-flags.DEFINE_list("valid_chroms", [], "Chromosomes of the valid split (comma list).")
-flags.DEFINE_list("test_chroms", [], "Chromosomes of the test split (comma list).")
-flags.DEFINE_string("include", DEFAULT_INCLUDE, "Keep chromosomes whose whole name matches this regex.")
-flags.DEFINE_string("exclude", DEFAULT_EXCLUDE, "Drop chromosomes whose whole name matches this regex.")
-flags.DEFINE_integer("records_per_shard", 8192, "Records per ArrayRecord shard.")
-flags.DEFINE_bool("overwrite", False, "Replace an existing --out folder.")
-flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
+
+
+def _define_flags() -> None:
+    """Flags exist only when this module is the program, so importing it never clashes with others."""
+    flags.DEFINE_list("fasta", [], "Softmasked FASTA file(s), plain or gzip (detected by content).")
+    flags.DEFINE_list("csv", [], "CSV file(s) of the original project: Chrom,Start,End,Sequence, one bin per row.")
+    flags.DEFINE_string("out", None, "Output folder: <split>/*.array_record and manifest.json.")
+    flags.DEFINE_integer("window", 8192, "Window length in bp.")
+    flags.DEFINE_integer("stride", None, "Distance between window starts in bp (default: the window).")
+    flags.DEFINE_integer("max_n", 100, "Drop windows with more N bases than this.")
+    flags.DEFINE_bool("keep_tail", False, "Keep the last partial window of each chromosome (shorter; padded at load).")
+    flags.DEFINE_list("valid_chroms", [], "Chromosomes of the valid split (comma list).")
+    flags.DEFINE_list("test_chroms", [], "Chromosomes of the test split (comma list).")
+    flags.DEFINE_string("include", DEFAULT_INCLUDE, "Keep chromosomes whose whole name matches this regex.")
+    flags.DEFINE_string("exclude", DEFAULT_EXCLUDE, "Drop chromosomes whose whole name matches this regex.")
+    flags.DEFINE_integer("records_per_shard", 8192, "Records per ArrayRecord shard.")
+    flags.DEFINE_bool("overwrite", False, "Replace an existing --out folder.")
+    flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
 
 
 @exits_cleanly_on_user_error
@@ -331,6 +335,7 @@ def main(argv: Sequence[str]) -> None:
 
 
 def run() -> None:
+    _define_flags()
     app.run(main)
 
 
