@@ -43,7 +43,7 @@ pids=()
 for ((i = 0; i < num_processes; i++)); do
   NUCGPT_COORDINATOR_ADDRESS="127.0.0.1:${port}" NUCGPT_NUM_PROCESSES="$num_processes" \
     NUCGPT_PROCESS_ID="$i" JAX_PLATFORMS=cpu XLA_FLAGS="${xla_flags# }" \
-    "$@" > >(sed -u "s/^/[$i] /") 2>&1 &
+    "$@" < /dev/null > >(sed -u "s/^/[$i] /") 2>&1 &
   pids+=($!)
 done
 

@@ -109,7 +109,8 @@ if [ "$run" = 1 ]; then
   execute "${tpu_vm[@]}" scp "$tarball" "$name:nucgpt.tar.gz" "${where[@]}" --worker=all
   # TPU VM images ship an older system Python; uv brings the one JAX needs.
   on_workers all "set -e; cd ~; rm -rf nucgpt; tar -xzf nucgpt.tar.gz; \
-python3 -m pip install --user --quiet --upgrade uv; \
+[ -x ~/.local/bin/uv ] || python3 -m pip install --user --quiet uv \
+  || python3 -m pip install --user --quiet --break-system-packages uv; \
 [ -x $venv/bin/python ] || ~/.local/bin/uv venv --quiet --python $python_version $venv; \
 ~/.local/bin/uv pip install --quiet --python $venv/bin/python 'jax[tpu]>=0.10,<0.12' ./nucgpt"
   train_command="$venv/bin/python -m nucgpt.train"
