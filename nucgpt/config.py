@@ -10,6 +10,7 @@ from typing import Mapping
 from ml_collections import ConfigDict
 
 from nucgpt.errors import UserError
+from nucgpt.tokenizers import get_tokenizer
 
 CHOICES = {
     "model.attention": ("auto", "xla", "cudnn", "splash"),
@@ -68,6 +69,10 @@ def problems(config: ConfigDict, mesh_shape: Mapping[str, int] | None = None, pr
             for key in ("splash_block_q", "splash_block_kv"):
                 if t.seq_len % m[key]:
                     out.append(f"train.seq_len: {t.seq_len} is not a multiple of model.{key} ({m[key]}) for splash attention")
+    if _has(config, "data.tokenizer"):
+        tokenizer = get_tokenizer(config.data.tokenizer, pad_multiple=config.data.kmer_pad_multiple)
+        if m.vocab_size < tokenizer.vocab_size:
+            out.append(f"model.vocab_size: {m.vocab_size} is smaller than the {tokenizer.name} tokenizer's vocabulary ({tokenizer.vocab_size})")
     if config.optim.learning_rate <= 0:
         out.append(f"optim.learning_rate: must be positive, got {config.optim.learning_rate}")
     if config.optim.final_learning_rate > config.optim.learning_rate:

@@ -11,7 +11,8 @@ The contract, in the order the trainer uses it:
   data folder under the workdir). Pure; no I/O.
 - `prepare_data(config)`: make the data exist (generate + prepare the demo genome). Called on
   process 0 only; the others wait at a barrier.
-- `validate(config)`: task-specific config checks; raise `UserError` naming the field.
+- `validate(config)`: checks of what the config points at (a data folder without a manifest,
+  ...); raise `UserError` naming the field. Not called by `--dry_run`, which needs no data.
 - `build_model(config, rngs)`: the Flax NNX module (trunk + head).
 - `initial_params(config, params, shardings)`: a hook on fresh (not resumed) runs, e.g. to load a
   pretrained trunk from `config.init_from`. Default: unchanged.

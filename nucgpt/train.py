@@ -1,0 +1,291 @@
+"""The trainer: `python -m nucgpt.train --config configs/pretrain.py:<preset> --workdir DIR`.
+
+One loop for every task (`--config.task`): validate the config, make the data exist (process 0),
+build the trainer (`nucgpt.step`), resume from the newest good checkpoint or initialise, then
+train with metrics read one step late, evaluation every `train.eval_every` steps, checkpoints
+every `checkpoint.every` steps and at the end. SIGTERM saves at the next step boundary and exits
+0; a non-finite loss stops the run (exit 1) before anything is saved from it.
+"""
+
+import math
+import signal
+import sys
+import time
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from absl import app, flags
+from jax.experimental import multihost_utils
+from ml_collections import ConfigDict, config_flags
+
+from nucgpt import config as config_lib
+from nucgpt import diagnostics, distributed, flops, sharding
+from nucgpt.checkpoint import Checkpoints, save_config
+from nucgpt.errors import EXIT_USER_ERROR, UserError, exits_cleanly_on_user_error
+from nucgpt.metrics_log import MetricsLogger
+from nucgpt.step import Trainer, build_trainer
+from nucgpt.tasks import Task, get_task
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "A config file and preset: configs/pretrain.py:demo.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and the demo's data go (local or gs://).")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Build the mesh, abstract state and compiled step; print a summary; do not train.")
+
+EXIT_DIVERGED = 1
+
+
+class Diverged(Exception):
+    """The loss or gradient norm became NaN/Inf."""
+
+
+def _add(total: dict | None, stats: Mapping[str, np.ndarray]) -> dict:
+    return dict(stats) if total is None else {k: total[k] + stats[k] for k in total}
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+class Preemption:
+    """SIGTERM sets a flag; every process agrees on it at step boundaries (all-gathered when multi-process)."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.requested = True
+
+    def agreed(self, synchronise: bool) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        if not synchronise:
+            return False
+        return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
+
+
+def evaluate(trainer: Trainer, state: Any) -> dict[str, float]:
+    """The task's metrics over `train.eval_steps` batches of the eval split (0 = one whole pass)."""
+    config, task = trainer.config, trainer.task
+    total = None
+    for i, local_batch in enumerate(task.eval_iterator(config, jax.process_index(), jax.process_count())):
+        if config.train.eval_steps and i >= config.train.eval_steps:
+            break
+        total = _add(total, jax.device_get(trainer.eval_step(state, trainer.global_batch(local_batch))))
+    if total is None:
+        raise UserError(f"data.eval_split: the {config.data.eval_split!r} split yielded no batches")
+    return task.finalize_metrics(total, config)
+
+
+class Throughput:
+    """tokens/s and MFU over a window of steps (MFU is None where the device's peak is unknown)."""
+
+    def __init__(self, config: ConfigDict, start_step: int):
+        self.tokens_per_step = config.train.global_batch_size * config.train.seq_len
+        flops_per_token = flops.train_flops_per_token(config.model, config.train.seq_len) if config.task == "pretrain" else None
+        peak = flops.peak_flops_per_device(jax.devices()[0].device_kind)
+        self.peak_total = peak * jax.device_count() if peak and flops_per_token else None
+        self.flops_per_token = flops_per_token
+        self.restart(start_step)
+
+    def restart(self, step: int) -> None:
+        self.step, self.time = step, time.perf_counter()
+
+    def measure(self, step: int) -> dict[str, float | None]:
+        now = time.perf_counter()
+        tokens_per_sec = (step - self.step) * self.tokens_per_step / max(now - self.time, 1e-9)
+        self.restart(step)
+        mfu = tokens_per_sec * self.flops_per_token / self.peak_total if self.peak_total else None
+        return {"tokens_per_sec": tokens_per_sec, "mfu": mfu}
+
+
+class Loop:
+    """Training steps with one-step-late metrics, periodic eval and checkpoints."""
+
+    def __init__(self, trainer: Trainer, workdir: str, checkpoints: Checkpoints, train_iterator, state):
+        self.trainer, self.config, self.task = trainer, trainer.config, trainer.task
+        self.workdir, self.checkpoints, self.train_iterator, self.state = workdir, checkpoints, train_iterator, state
+        self.logger = MetricsLogger(workdir, enabled=jax.process_index() == 0)
+        self.window: dict | None = None
+        self.last_saved = checkpoints.latest_step()
+
+    def absorb(self, step: int, metrics: Mapping[str, jax.Array]) -> None:
+        """Reads one step's metrics (blocking on that step only), stops on NaN/Inf, logs every log_every."""
+        metrics = jax.device_get(metrics)
+        if not all(np.all(np.isfinite(v)) for v in metrics.values()):
+            bad = ", ".join(k for k, v in metrics.items() if not np.all(np.isfinite(v)))
+            raise Diverged(f"non-finite {bad} at step {step}")
+        last = {k: float(metrics.pop(k)) for k in ("grad_norm", "learning_rate")}
+        self.window = _add(self.window, metrics)
+        if step % self.config.train.log_every == 0 or step == self.config.train.steps:
+            values = self.task.finalize_metrics(self.window, self.config) | last | self.throughput.measure(step)
+            self.logger.log(step, values)
+            self.window = None
+
+    def save(self, step: int) -> None:
+        if self.last_saved != step:
+            self.checkpoints.save(self.state, self.train_iterator, self.config)
+            self.last_saved = step
+
+    def run_eval(self, step: int) -> dict[str, float]:
+        metrics = evaluate(self.trainer, self.state)
+        self.logger.log(step, {f"eval_{k}": v for k, v in metrics.items()})
+        return metrics
+
+    def run(self) -> tuple[int, dict[str, float] | None, bool]:
+        """Trains to `train.steps`; returns (final step, last eval metrics, preempted)."""
+        config = self.config
+        preemption = Preemption()
+        step = int(jax.device_get(self.state["step"]))
+        self.throughput = Throughput(config, step)
+        pending = None
+        eval_metrics = None
+        while step < config.train.steps:
+            batch = self.trainer.global_batch(next(self.train_iterator))
+            self.state, metrics = self.trainer.train_step(self.state, batch)
+            step += 1
+            if pending is not None:
+                self.absorb(*pending)
+            pending = (step, metrics)
+            last = step == config.train.steps
+            preempted = preemption.agreed(synchronise=step % config.train.log_every == 0)
+            do_eval = step % config.train.eval_every == 0 or last
+            do_save = step % config.checkpoint.every == 0 or last or preempted
+            if do_eval or do_save:
+                self.absorb(*pending)
+                pending = None
+            if do_save:
+                self.save(step)
+            if do_eval and not preempted:
+                eval_metrics = self.run_eval(step)
+                self.throughput.restart(step)
+            if preempted:
+                return step, eval_metrics, True
+        if pending is not None:
+            self.absorb(*pending)
+        return step, eval_metrics, False
+
+
+def dry_run(config: ConfigDict, mesh) -> None:
+    """Mesh, parameter count, compiled step and its per-device memory: nothing is allocated for params."""
+    start = time.perf_counter()
+    trainer = build_trainer(config, mesh)
+    compiled = trainer.train_step.lower(trainer.abstract_state, trainer.abstract_batch()).compile()
+    params = trainer.abstract_state["params"]
+    num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    devices = mesh.devices.ravel()
+    print(f"preset: {config.get('preset', '?')}  task: {config.task}")
+    print(f"mesh: {dict(mesh.shape)} over {len(devices)} {devices[0].platform} device(s) ({devices[0].device_kind})")
+    print(f"parameters: {num_params:,}")
+    print(f"global batch {config.train.global_batch_size} × seq {config.train.seq_len}; grad accumulation {config.train.grad_accum_steps}")
+    print(f"train step lowered and compiled in {time.perf_counter() - start:.1f}s")
+    memory = compiled.memory_analysis()
+    if memory is not None:
+        gib = lambda b: f"{b / 2**30:.2f} GiB"
+        args, out, temp, alias = (
+            memory.argument_size_in_bytes, memory.output_size_in_bytes, memory.temp_size_in_bytes, memory.alias_size_in_bytes,
+        )
+        print(
+            f"per-device memory (compiled.memory_analysis()): arguments {gib(args)}, outputs {gib(out)} "
+            f"({gib(alias)} aliased by donation), temporaries {gib(temp)}, code {gib(memory.generated_code_size_in_bytes)}; "
+            f"estimated peak {gib(args + out - alias + temp)}"
+        )
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+    if cost and "flops" in cost:
+        print(f"compiled FLOPs per step per device (XLA estimate): {cost['flops']:.3e}")
+    print("shardings (params; optimizer moments follow them; batch fields below):")
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        print(f"  {name:<28} {str(x.shape):<24} {x.dtype}  {x.sharding.spec}")
+    for name, s in trainer.batch_shardings.items():
+        print(f"  batch/{name:<22} {s.spec}")
+
+
+def train(config: ConfigDict, workdir: str, mesh, task: Task) -> int:
+    process_index, process_count = jax.process_index(), jax.process_count()
+    if process_index == 0:
+        task.prepare_data(config)
+        save_config(workdir, config)
+    _barrier("nucgpt-prepared")
+    task.validate(config)
+    trainer = build_trainer(config, mesh)
+    checkpoints = Checkpoints(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+    train_iterator = task.train_iterator(config, process_index, process_count)
+    try:
+        state = checkpoints.restore_latest(trainer.abstract_state, train_iterator)
+        if state is None:
+            state = trainer.init_state()
+        loop = Loop(trainer, workdir, checkpoints, train_iterator, state)
+        if config.eval_only:
+            step, eval_metrics, preempted = int(jax.device_get(state["step"])), loop.run_eval(int(jax.device_get(state["step"]))), False
+        else:
+            try:
+                step, eval_metrics, preempted = loop.run()
+            except Diverged as e:
+                checkpoints.wait()
+                last = checkpoints.latest_step()
+                kept = f"the last good checkpoint is step {last} in {checkpoints.directory}" if last is not None else "no checkpoint was saved"
+                print(f"error: training diverged: {e}; stopped without saving; {kept}", file=sys.stderr, flush=True)
+                return EXIT_DIVERGED
+        if preempted:
+            print(f"preempted (SIGTERM): saved checkpoint step {step}; exiting", flush=True)
+            return 0
+        if eval_metrics is None:
+            eval_metrics = loop.run_eval(step)
+        if process_index == 0:
+            task.summarize(workdir, config, step, eval_metrics)
+            summary = ", ".join(f"{k} {eval_metrics[k]:.4f}" for k in ("loss", "loss_repeat", "loss_unique", "bits_per_base") if k in eval_metrics)
+            print(f"done: step {step}; eval {summary}", flush=True)
+        loop.logger.close()
+        return 0
+    finally:
+        checkpoints.close()
+
+
+@exits_cleanly_on_user_error
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+    distributed.initialize()
+    if _CONFIG.value is None:
+        raise UserError("--config is required, e.g. --config configs/pretrain.py:demo")
+    if not _WORKDIR.value:
+        raise UserError("--workdir is required")
+    config, workdir = _CONFIG.value, _WORKDIR.value
+    task = get_task(config.task)
+    config = task.resolve_config(config, workdir)
+    mesh = sharding.make_mesh(config.mesh)
+    config_lib.validate(config, dict(mesh.shape), jax.process_count())
+    if _DRY_RUN.value:
+        dry_run(config, mesh)
+        return
+    with diagnostics.stack_traces(config.diagnostics):
+        code = train(config, workdir, mesh, task)
+    sys.exit(code)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing with bad flags and unknown config keys as one `error:` line (exit 2)."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:  # config_flags: an override of a key the config lacks
+        key = str(e).strip("'\"").split("\\n")[0].split("\n")[0].strip("'\"")
+        given = [a.split("=")[0] for a in argv if a.startswith("--config.") and a.split("=")[0].endswith(key)]
+        hint = str(e).split("Did you mean")[1].strip(" '\"?\n").rstrip("?'\"") if "Did you mean" in str(e) else ""
+        message = f"unknown config key {given[0][2:] if given else key!r}" + (f" (did you mean {hint}?)" if hint else "")
+    except flags.Error as e:
+        lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+        errors = [l for l in lines if "Error:" in l and not l.startswith("flag ")]
+        message = errors[-1].split("Error: ", 1)[1] if errors else lines[0] if lines else "bad flags"
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USER_ERROR)
+
+
+def run() -> None:
+    app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run()
