@@ -17,6 +17,7 @@ import json
 import os
 
 import grain
+from absl import flags
 import jax
 import numpy as np
 
@@ -123,6 +124,8 @@ def make_lm_iterator(
     ds = ds.batch(local_batch_size)[process_index::process_count]
     iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=max(data_cfg.prefetch, 0)))
     if data_cfg.num_workers > 0:
+        if not flags.FLAGS.is_parsed():  # Grain's workers read its absl flags; outside an absl app (tests, notebooks)
+            flags.FLAGS.mark_as_parsed()  # they would be unparsed and the workers would fail
         iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=data_cfg.num_workers, per_worker_buffer_size=max(data_cfg.prefetch, 1)))
     return iter(iter_ds)
