@@ -80,10 +80,11 @@ def write_synthetic_table(path: str, num_examples: int, seed: int) -> None:
 
 
 def read_pretrained_config(init_from: str) -> ConfigDict:
-    """The pretraining run's config.json, found from a workdir or one of its checkpoint folders."""
+    """The config stored in the checkpoint `init_from` names (a workdir or a step folder), without its params."""
     from nucgpt import checkpoint
 
-    return checkpoint.read_pretrained_config(init_from)
+    step_dir = checkpoint._resolve_step_dir(init_from)
+    return checkpoint.config_from_json(json.loads((step_dir / "config" / "metadata").read_text()))
 
 
 def check_matches_pretrained(config: ConfigDict, pretrained: Mapping) -> None:
@@ -153,7 +154,10 @@ class ClassifyTask(Task):
             return params
         from nucgpt import checkpoint
 
-        trunk = checkpoint.load_pretrained_params(config.init_from, params["trunk"], shardings["trunk"])
+        abstract_trunk = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params["trunk"], shardings["trunk"]
+        )
+        _, trunk = checkpoint.load_pretrained(config.init_from, abstract_trunk)
         return dict(params, trunk=trunk)
 
     def loss(self, model, batch, config):

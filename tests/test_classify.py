@@ -1,0 +1,123 @@
+"""The classify task through the trainer's step builder: loss falls, metrics, init_from checks."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from nucgpt import step
+from nucgpt.errors import UserError
+from nucgpt.tasks import get_task
+from test_classify_model import finetune_config
+
+TASK = get_task("classify")
+
+
+def _composition_sequences(rng, label: int, n: int) -> list[str]:
+    """Class 0 is A/C-rich, class 1 G/T-rich: learnable in a few dozen steps by a tiny model."""
+    rich, poor = ("AC", "GT") if label == 0 else ("GT", "AC")
+    out = []
+    for _ in range(n):
+        length = int(rng.integers(40, 61))
+        bases = np.where(rng.random(length) < 0.8, rng.choice(list(rich), length), rng.choice(list(poor), length))
+        out.append("".join(bases))
+    return out
+
+
+@pytest.fixture(scope="module")
+def benchmark_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gb") / "composition"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 96), ("test", 24)):
+        for label, name in enumerate(("ac_rich", "gt_rich")):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i, sequence in enumerate(_composition_sequences(rng, label, n)):
+                (folder / f"{i}.txt").write_text(sequence + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tsv_table(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tsv") / "composition.tsv"
+    rng = np.random.default_rng(1)
+    rows = [f"{s}\t{label}" for label in (0, 1) for s in _composition_sequences(rng, label, 60)]
+    path.write_text("seq\tlabel\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def small_config(data_path, kind: str = "transformer", steps: int = 40):
+    c = finetune_config("demo" if kind == "transformer" else "cnn_demo")
+    c.model.update(d_model=32, num_layers=2, num_heads=2, num_kv_heads=2, head_dim=16, mlp_dim=64, attention="xla")
+    c.data.path = str(data_path)
+    c.classify.update(synthetic_examples=0, min_bucket_len=64)
+    c.train.update(steps=steps, global_batch_size=16, seq_len=64, log_every=10, eval_every=steps)
+    c.optim.update(learning_rate=3e-3, warmup_steps=5)
+    return c
+
+
+def train(config, steps: int):
+    TASK.validate(config)
+    trainer = step.build_trainer(config)
+    state = trainer.init_state()
+    iterator = TASK.train_iterator(config, 0, 1)
+    losses = []
+    for _ in range(steps):
+        state, metrics = trainer.train_step(state, trainer.global_batch(next(iterator)))
+        losses.append(TASK.finalize_metrics(jax.device_get(metrics), config)["loss"])
+    totals = None
+    for batch in TASK.eval_iterator(config, 0, 1):
+        stats = jax.device_get(trainer.eval_step(state, trainer.global_batch(batch)))
+        totals = stats if totals is None else jax.tree.map(np.add, totals, stats)
+    return losses, TASK.finalize_metrics(totals, config)
+
+
+@pytest.mark.parametrize("layout, kind", [("folder", "transformer"), ("tsv", "cnn")])
+def test_loss_falls_and_test_metrics_cover_the_whole_test_split(layout, kind, benchmark_folder, tsv_table):
+    config = small_config(benchmark_folder if layout == "folder" else tsv_table, kind)
+    losses, metrics = train(config, 40)
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+    assert metrics["examples"] == (48 if layout == "folder" else 24)  # every test row once, no fillers
+    assert metrics["accuracy"] > 0.75 and metrics["mcc"] > 0.5
+
+
+def _fake_pretraining_checkpoint(tmp_path, **overrides):
+    """A step folder as checkpoint.py lays it out, holding only the stored config."""
+    pretrained = finetune_config("demo")
+    pretrained.model.update(d_model=32, num_layers=2, num_heads=2, num_kv_heads=2, head_dim=16, mlp_dim=64)
+    for dotted, value in overrides.items():
+        section, key = dotted.split("__")
+        pretrained[section][key] = value
+    step_dir = tmp_path / "pretrain" / "checkpoints" / "100"
+    (step_dir / "params").mkdir(parents=True)
+    (step_dir / "config").mkdir()
+    (step_dir / "config" / "metadata").write_text(pretrained.to_json())
+    return tmp_path / "pretrain"
+
+
+def test_a_tokenizer_that_differs_from_the_checkpoint_is_a_clear_error(tmp_path, tsv_table):
+    config = small_config(tsv_table)
+    config.init_from = str(_fake_pretraining_checkpoint(tmp_path, data__tokenizer="kmer6_overlap", model__vocab_size=4098))
+    with pytest.raises(UserError, match=r"data.tokenizer='nucleotide' but the checkpoint has 'kmer6_overlap'.*model.vocab_size=6"):
+        TASK.validate(config)
+    config.init_from = str(_fake_pretraining_checkpoint(tmp_path / "same"))
+    TASK.validate(config)  # identical settings pass
+
+
+def test_num_classes_that_disagree_with_the_data_is_a_user_error(tsv_table):
+    config = small_config(tsv_table)
+    config.classify.num_classes = 3
+    with pytest.raises(UserError, match="classify.num_classes: 3, but .* has 2 classes"):
+        TASK.validate(config)
+
+
+def test_summarize_writes_results_json(tmp_path, tsv_table):
+    config = small_config(tsv_table)
+    stats = {"ce": np.float32(6.0), "weight": np.float32(24.0), "confusion": np.array([[10.0, 2.0], [3.0, 9.0]])}
+    TASK.summarize(str(tmp_path), config, 40, TASK.finalize_metrics(stats, config))
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["confusion_matrix"] == [[10, 2], [3, 9]]
+    assert results["num_test"] == 24 and results["split_seed"] == 0
+    assert results["accuracy"] == pytest.approx(19 / 24)
+    assert {"mcc", "f1_macro", "f1_weighted"} <= results.keys()
