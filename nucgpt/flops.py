@@ -1,0 +1,63 @@
+"""Training FLOPs per token and peak FLOP/s per device: the two halves of MFU.
+
+Counted: every matmul, times 6 for training (2 forward, 4 backward: gradients of activations and
+of weights). Not counted: norms, softmax, activations, rotary embeddings, the embedding lookup
+(a gather) and the optimizer — together a few percent at the published shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+
+def matmul_params(model_cfg: ml_collections.ConfigDict) -> int:
+    """Weights of the per-layer projections (q, k, v, o and the MLP); excludes (un)embedding and norms."""
+    d, k = model_cfg.d_model, model_cfg.head_dim
+    attention = d * k * (2 * model_cfg.num_heads + 2 * model_cfg.num_kv_heads)
+    mlp = (3 if model_cfg.mlp_activation == "swiglu" else 2) * d * model_cfg.mlp_dim
+    return model_cfg.num_layers * (attention + mlp)
+
+
+def train_flops_per_token(model_cfg: ml_collections.ConfigDict, seq_len: int) -> float:
+    """6 × matmul params + causal attention 6·layers·S·H_q·head_dim + unembedding 6·d_model·vocab.
+
+    Causal attention: QKᵀ and AV cost 2·S·H_q·head_dim each per token with the full [S, S] square;
+    the causal half is what a flash kernel computes, and ×3 covers the backward pass.
+    """
+    attention = 6 * model_cfg.num_layers * seq_len * model_cfg.num_heads * model_cfg.head_dim
+    unembedding = 6 * model_cfg.d_model * model_cfg.vocab_size
+    return float(6 * matmul_params(model_cfg) + attention + unembedding)
+
+
+# Dense bfloat16 peak FLOP/s per JAX device, matched against `device.device_kind` (lower case,
+# most specific first). TPU v2/v3 expose each TensorCore as a device (half a chip); v4 and v5p
+# expose a megacore chip; v5e/v6e chips have one core.
+_PEAK_BF16 = (
+    ("v6 lite", 918e12),
+    ("v6e", 918e12),
+    ("v5 lite", 197e12),
+    ("v5e", 197e12),
+    ("v5p", 459e12),
+    ("v5", 459e12),
+    ("v4", 275e12),
+    ("v3", 61.5e12),
+    ("h200", 989e12),
+    ("h100 pcie", 756e12),
+    ("h100", 989e12),
+    ("a100", 312e12),
+)
+
+
+def peak_flops_per_device(device_kind: str) -> float | None:
+    """Dense bf16 peak of one device, or None when the kind is not in the table (e.g. CPU)."""
+    kind = device_kind.lower()
+    return next((peak for key, peak in _PEAK_BF16 if key in kind), None)
+
+
+def count_params(abstract_state: Any) -> int:
+    """Total elements over a (possibly abstract) state; nothing is allocated."""
+    return int(sum(np.prod(x.shape, dtype=np.int64) for x in jax.tree.leaves(abstract_state)))

@@ -1,0 +1,227 @@
+"""Nucleotide GPT: a LLaMA-style decoder (RoPE, RMSNorm, GQA) with sandwich or pre norms, in Flax NNX.
+
+The published model: 12 layers, d_model 2048, 8 query + 8 KV heads of 128, GeLU MLP 8192, RMSNorm
+before and after each sub-block, a final RMSNorm, untied output, vocab 6 → 503,441,408 parameters.
+Parameters are float32; matmuls run in `compute_dtype`; norms, softmax and logits in float32.
+Layers are stacked on a leading "layers" dimension and run by `jax.lax.scan` (`scan_layers`), or
+kept as a list and unrolled; `remat_policy` picks what the backward pass recomputes.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from nucgpt.errors import UserError
+from nucgpt.model import attention
+from nucgpt.sharding import constrain
+
+# Named tensors in a block; policies below save some of them instead of recomputing them.
+_SAVE = jax.checkpoint_policies.save_only_these_names
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_attention_out": _SAVE("attention_out"),
+    "save_qkv_attention_out": _SAVE("query", "key", "value", "attention_out"),
+    "save_projections": _SAVE("query", "key", "value", "attention_out", "attention_proj", "mlp_out"),
+    "save_projections_and_mlp": _SAVE(
+        "query", "key", "value", "attention_out", "attention_proj", "mlp_hidden", "mlp_out"
+    ),
+}
+MLP_ACTIVATIONS = ("gelu", "swiglu")
+NORM_PLACEMENTS = ("pre", "sandwich")
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+    """One clear error per bad model field, before any array is built."""
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
+        if int(cfg[name]) < 1:
+            raise UserError(f"model.{name}={cfg[name]} must be a positive integer")
+    if cfg.num_heads % cfg.num_kv_heads:
+        raise UserError(f"model.num_heads={cfg.num_heads} must be a multiple of model.num_kv_heads={cfg.num_kv_heads}")
+    if cfg.head_dim % 2:
+        raise UserError(f"model.head_dim={cfg.head_dim} must be even for rotary embeddings")
+    if cfg.mlp_activation not in MLP_ACTIVATIONS:
+        raise UserError(f"model.mlp_activation={cfg.mlp_activation!r}; choose one of {', '.join(MLP_ACTIVATIONS)}")
+    if cfg.norm_placement not in NORM_PLACEMENTS:
+        raise UserError(f"model.norm_placement={cfg.norm_placement!r}; choose one of {', '.join(NORM_PLACEMENTS)}")
+    if cfg.remat_policy not in REMAT_POLICIES:
+        raise UserError(f"model.remat_policy={cfg.remat_policy!r}; choose one of {', '.join(REMAT_POLICIES)}")
+    for name in ("param_dtype", "compute_dtype"):
+        if cfg[name] not in ("float32", "bfloat16", "float16"):
+            raise UserError(f"model.{name}={cfg[name]!r}; choose float32, bfloat16 or float16")
+    attention.resolve_backend(cfg.attention)
+
+
+def _param(
+    rngs: nnx.Rngs,
+    cfg: ml_collections.ConfigDict,
+    shape: tuple[int, ...],
+    logical_axes: tuple[str, ...],
+    num_stacked: int | None,
+    ones: bool = False,
+) -> nnx.Param:
+    """A parameter with its logical axes; with `num_stacked`, one slice per layer on a leading axis."""
+    if num_stacked is not None:
+        shape, logical_axes = (num_stacked, *shape), ("layers", *logical_axes)
+    dtype = jnp.dtype(cfg.param_dtype)
+    value = jnp.ones(shape, dtype) if ones else cfg.init_std * jax.random.normal(rngs.params(), shape, dtype)
+    return nnx.Param(value, logical_axes=logical_axes)
+
+
+def rms_norm(x_BxLxD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm in float32, returned in the input dtype."""
+    x = x_BxLxD.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+    return (x * scale_D.astype(jnp.float32)).astype(x_BxLxD.dtype)
+
+
+def rope_tables(seq_len: int, head_dim: int, base: float) -> tuple[jax.Array, jax.Array]:
+    """sin and cos [L, head_dim/2] in float32, frequencies base^(-2i/head_dim) (LLaMA / HF)."""
+    inv_freq_K = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles_LxK = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv_freq_K[None, :]
+    return jnp.sin(angles_LxK), jnp.cos(angles_LxK)
+
+
+def apply_rope(x_BxLxHxK: jax.Array, sin_LxK: jax.Array, cos_LxK: jax.Array) -> jax.Array:
+    """Rotates the two halves of each head (HF `rotate_half`), so HF LLaMA checkpoints load as is."""
+    x1, x2 = jnp.split(x_BxLxHxK.astype(jnp.float32), 2, axis=-1)
+    sin, cos = sin_LxK[None, :, None, :], cos_LxK[None, :, None, :]
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x_BxLxHxK.dtype)
+
+
+class Block(nnx.Module):
+    """Attention then MLP, each with RMSNorm before (and, for `sandwich`, after) and a residual add."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs, num_stacked: int | None = None):
+        self.cfg = ml_collections.FrozenConfigDict(cfg)  # hashable: it is static graph data
+        p = functools.partial(_param, rngs, cfg, num_stacked=num_stacked)
+        d, h, g, k, f = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
+        self.attn_in_norm = p((d,), ("embed",), ones=True)
+        self.wq = p((d, h, k), ("embed", "heads", "head_dim"))
+        self.wk = p((d, g, k), ("embed", "kv_heads", "head_dim"))
+        self.wv = p((d, g, k), ("embed", "kv_heads", "head_dim"))
+        self.wo = p((h, k, d), ("heads", "head_dim", "embed"))
+        self.mlp_in_norm = p((d,), ("embed",), ones=True)
+        if cfg.mlp_activation == "swiglu":
+            self.w_gate = p((d, f), ("embed", "mlp"))
+        self.w_up = p((d, f), ("embed", "mlp"))
+        self.w_down = p((f, d), ("mlp", "embed"))
+        if cfg.norm_placement == "sandwich":
+            self.attn_out_norm = p((d,), ("embed",), ones=True)
+            self.mlp_out_norm = p((d,), ("embed",), ones=True)
+
+    def _weight(self, param: nnx.Param) -> jax.Array:
+        return param[...].astype(self.cfg.compute_dtype)
+
+    def _sublayer(self, x_BxLxD, in_norm, out_norm, fn) -> jax.Array:
+        h_BxLxD = fn(rms_norm(x_BxLxD, in_norm[...], self.cfg.norm_eps))
+        if self.cfg.norm_placement == "sandwich":
+            h_BxLxD = rms_norm(h_BxLxD, out_norm[...], self.cfg.norm_eps)
+        return constrain(x_BxLxD + h_BxLxD, ("batch", "length", "embed"))
+
+    def attention(self, x_BxLxD, segment_ids_BxL, sin_LxK, cos_LxK) -> jax.Array:
+        cfg = self.cfg
+        q_BxLxHxK = checkpoint_name(jnp.einsum("BLD,DHK->BLHK", x_BxLxD, self._weight(self.wq)), "query")
+        k_BxLxGxK = checkpoint_name(jnp.einsum("BLD,DGK->BLGK", x_BxLxD, self._weight(self.wk)), "key")
+        v_BxLxGxK = checkpoint_name(jnp.einsum("BLD,DGK->BLGK", x_BxLxD, self._weight(self.wv)), "value")
+        q_BxLxHxK = apply_rope(q_BxLxHxK, sin_LxK, cos_LxK) * jnp.asarray(cfg.head_dim**-0.5, x_BxLxD.dtype)
+        k_BxLxGxK = apply_rope(k_BxLxGxK, sin_LxK, cos_LxK)
+        q_BxLxHxK = constrain(q_BxLxHxK, ("batch", "length", "heads", "head_dim"))
+        k_BxLxGxK = constrain(k_BxLxGxK, ("batch", "length", "kv_heads", "head_dim"))
+        v_BxLxGxK = constrain(v_BxLxGxK, ("batch", "length", "kv_heads", "head_dim"))
+        out_BxLxHxK = attention.attend(
+            q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL,
+            backend=attention.resolve_backend(cfg.attention),
+            block_q=cfg.get("splash_block_q", 512),
+            block_kv=cfg.get("splash_block_kv", 512),
+        )
+        out_BxLxHxK = checkpoint_name(out_BxLxHxK.astype(x_BxLxD.dtype), "attention_out")
+        out_BxLxD = jnp.einsum("BLHK,HKD->BLD", out_BxLxHxK, self._weight(self.wo))
+        return checkpoint_name(out_BxLxD, "attention_proj")
+
+    def mlp(self, x_BxLxD) -> jax.Array:
+        up_BxLxF = checkpoint_name(jnp.einsum("BLD,DF->BLF", x_BxLxD, self._weight(self.w_up)), "mlp_hidden")
+        if self.cfg.mlp_activation == "swiglu":
+            gate_BxLxF = jnp.einsum("BLD,DF->BLF", x_BxLxD, self._weight(self.w_gate))
+            hidden_BxLxF = jax.nn.silu(checkpoint_name(gate_BxLxF, "mlp_hidden")) * up_BxLxF
+        else:
+            hidden_BxLxF = jax.nn.gelu(up_BxLxF)  # tanh approximation, as the original JAX model
+        hidden_BxLxF = constrain(hidden_BxLxF, ("batch", "length", "mlp"))
+        return checkpoint_name(jnp.einsum("BLF,FD->BLD", hidden_BxLxF, self._weight(self.w_down)), "mlp_out")
+
+    def __call__(self, x_BxLxD, segment_ids_BxL, sin_LxK, cos_LxK) -> jax.Array:
+        attend = functools.partial(self.attention, segment_ids_BxL=segment_ids_BxL, sin_LxK=sin_LxK, cos_LxK=cos_LxK)
+        x_BxLxD = self._sublayer(x_BxLxD, self.attn_in_norm, getattr(self, "attn_out_norm", None), attend)
+        return self._sublayer(x_BxLxD, self.mlp_in_norm, getattr(self, "mlp_out_norm", None), self.mlp)
+
+
+class Transformer(nnx.Module):
+    """Token embedding → blocks → final RMSNorm (`trunk`) → output projection (`unembed`)."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+        validate(cfg)
+        self.cfg = cfg = ml_collections.FrozenConfigDict(cfg)
+        p = functools.partial(_param, rngs, cfg, num_stacked=None)
+        self.embedding = p((cfg.vocab_size, cfg.d_model), ("vocab", "embed"))
+        if cfg.scan_layers:
+            self.blocks = Block(cfg, rngs=rngs, num_stacked=cfg.num_layers)
+        else:
+            self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = p((cfg.d_model,), ("embed",), ones=True)
+        if not cfg.tie_embeddings:
+            self.unembedding = p((cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
+
+    def _run_blocks(self, x_BxLxD, segment_ids_BxL, sin_LxK, cos_LxK) -> jax.Array:
+        cfg = self.cfg
+
+        def layer_fn(graphdef: nnx.GraphDef) -> Callable:
+            def apply(x_BxLxD, block_state):
+                return nnx.merge(graphdef, block_state)(x_BxLxD, segment_ids_BxL, sin_LxK, cos_LxK)
+
+            if cfg.remat_policy == "none":
+                return apply
+            return jax.checkpoint(apply, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+
+        if cfg.scan_layers:
+            graphdef, stacked_state = nnx.split(self.blocks)
+            apply = layer_fn(graphdef)
+            x_BxLxD, _ = jax.lax.scan(lambda x, state: (apply(x, state), None), x_BxLxD, stacked_state)
+            return x_BxLxD
+        for block in self.blocks:
+            graphdef, block_state = nnx.split(block)
+            x_BxLxD = layer_fn(graphdef)(x_BxLxD, block_state)
+        return x_BxLxD
+
+    def trunk(self, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array | None = None) -> jax.Array:
+        """Hidden states after the final norm, [B, L, d_model] in compute dtype; segment id 0 = padding."""
+        cfg = self.cfg
+        seq_len = tokens_BxL.shape[1]
+        attention.check_shapes(
+            attention.resolve_backend(cfg.attention), seq_len, cfg.head_dim,
+            cfg.get("splash_block_q", 512), cfg.get("splash_block_kv", 512),
+        )
+        x_BxLxD = jnp.take(self.embedding[...], tokens_BxL, axis=0).astype(cfg.compute_dtype)
+        x_BxLxD = constrain(x_BxLxD, ("batch", "length", "embed"))
+        sin_LxK, cos_LxK = rope_tables(seq_len, cfg.head_dim, cfg.rope_base)
+        x_BxLxD = self._run_blocks(x_BxLxD, segment_ids_BxL, sin_LxK, cos_LxK)
+        return rms_norm(x_BxLxD, self.final_norm[...], cfg.norm_eps)
+
+    def unembed(self, hidden_BxLxD: jax.Array) -> jax.Array:
+        """float32 logits [B, L, vocab]: compute-dtype matmul with float32 accumulation."""
+        weight_DxV = self.embedding[...].T if self.cfg.tie_embeddings else self.unembedding[...]
+        logits_BxLxV = jnp.einsum(
+            "BLD,DV->BLV", hidden_BxLxD, weight_DxV.astype(self.cfg.compute_dtype), preferred_element_type=jnp.float32
+        )
+        return constrain(logits_BxLxV, ("batch", "length", "vocab"))
+
+    def __call__(self, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array | None = None) -> jax.Array:
+        return self.unembed(self.trunk(tokens_BxL, segment_ids_BxL))

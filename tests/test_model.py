@@ -1,0 +1,154 @@
+"""The Transformer: published parameter count, interface, scan vs unrolled, remat, config errors."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs.pretrain import get_config
+from nucgpt.errors import UserError
+from nucgpt.flops import count_params
+from nucgpt.model import Transformer
+
+
+def tiny_cfg(**overrides) -> ml_collections.ConfigDict:
+    """A float32 model small enough to compile in seconds: GQA (4 query, 2 KV heads), 2 layers."""
+    cfg = get_config("demo").model
+    cfg.update(
+        d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=128,
+        compute_dtype="float32", attention="xla", init_std=0.1,
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+def make_batch(batch=2, length=32, vocab=6, seed=0):
+    tokens = jax.random.randint(jax.random.key(seed), (batch, length + 1), 0, vocab)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def cross_entropy(logits_BxLxV, targets_BxL):
+    logp = jax.nn.log_softmax(logits_BxLxV, axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, targets_BxL[..., None], axis=-1))
+
+
+def loss_and_grads(graphdef, state, tokens, targets):
+    def loss_fn(state):
+        return cross_entropy(nnx.merge(graphdef, state)(tokens), targets)
+
+    return jax.jit(jax.value_and_grad(loss_fn))(state)
+
+
+def max_relative_error(a, b) -> float:
+    """Largest |a-b| over the largest |b|, across all leaves of two matching trees."""
+    a, b = jax.tree.leaves(a), jax.tree.leaves(b)
+    return max(float(jnp.max(jnp.abs(x - y)) / (jnp.max(jnp.abs(y)) + 1e-30)) for x, y in zip(a, b))
+
+
+def test_published_parameter_count_from_eval_shape():
+    """503.4M: the count the paper reports needs every RMSNorm scale and the untied output.
+
+    per layer: q,k,v,o 4·2048·(8·128) = 8,388,608; MLP 2·2048·8192 = 33,554,432; 4 sandwich norm
+    scales 4·2048 = 8,192 → 41,951,232 × 12 = 503,414,784; + embedding 6·2048 + output 2048·6
+    + final norm 2048 = 26,624 → 503,441,408. Without the norms it would be 503.34M.
+    """
+    cfg = get_config("nucleotide_gpt_500m").model
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    state = nnx.state(abstract)
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state))
+    assert count_params(state) == 503_441_408
+    assert state["blocks"]["wq"].shape == (12, 2048, 8, 128)
+    assert state["blocks"]["wq"].get_metadata()["logical_axes"] == ("layers", "embed", "heads", "head_dim")
+
+
+def test_interface_shapes_and_dtypes():
+    cfg = tiny_cfg(compute_dtype="bfloat16")
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    tokens, _ = make_batch()
+    hidden = model.trunk(tokens)
+    assert hidden.shape == (2, 32, 64) and hidden.dtype == jnp.bfloat16
+    logits = model.unembed(hidden)
+    assert logits.shape == (2, 32, 6) and logits.dtype == jnp.float32
+    assert nnx.state(model)["blocks"]["wq"].dtype == jnp.float32
+    np.testing.assert_array_equal(model(tokens), logits)
+
+
+def test_trailing_padding_does_not_change_real_tokens():
+    model = Transformer(tiny_cfg(), rngs=nnx.Rngs(0))
+    tokens, _ = make_batch()
+    segment_ids = jnp.ones_like(tokens).at[:, 20:].set(0)
+    other_padding = tokens.at[:, 20:].set((tokens[:, 20:] + 1) % 6)
+    a = model(tokens, segment_ids)
+    b = model(other_padding, segment_ids)
+    np.testing.assert_allclose(a[:, :20], b[:, :20], rtol=1e-6, atol=1e-6)
+    assert not np.allclose(a[:, 20:], b[:, 20:])
+
+
+def test_tied_embeddings_share_the_table():
+    model = Transformer(tiny_cfg(tie_embeddings=True), rngs=nnx.Rngs(0))
+    assert not hasattr(model, "unembedding")
+    hidden = model.trunk(make_batch()[0])
+    np.testing.assert_allclose(model.unembed(hidden), hidden @ model.embedding[...].T, rtol=1e-5, atol=1e-6)
+
+
+def _unstack_into(unrolled: Transformer, scanned_state: nnx.State) -> None:
+    """Copies a scanned model's stacked block weights into an unrolled model, layer by layer."""
+    pure = nnx.to_pure_dict(scanned_state)
+    stacked = pure.pop("blocks")
+    pure["blocks"] = {i: jax.tree.map(lambda x: x[i], stacked) for i in range(len(unrolled.blocks))}
+    state = nnx.state(unrolled)
+    nnx.replace_by_pure_dict(state, pure)
+    nnx.update(unrolled, state)
+
+
+def test_scan_and_unrolled_agree():
+    tokens, targets = make_batch()
+    scanned = Transformer(tiny_cfg(scan_layers=True), rngs=nnx.Rngs(0))
+    unrolled = Transformer(tiny_cfg(scan_layers=False), rngs=nnx.Rngs(1))
+    _unstack_into(unrolled, nnx.state(scanned))
+    loss_s, grads_s = loss_and_grads(*nnx.split(scanned), tokens, targets)
+    loss_u, grads_u = loss_and_grads(*nnx.split(unrolled), tokens, targets)
+    assert abs(float(loss_s - loss_u)) <= 1e-6 * abs(float(loss_s))
+    grads_u_pure = nnx.to_pure_dict(grads_u)
+    per_layer = grads_u_pure.pop("blocks")
+    grads_u_pure["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[per_layer[i] for i in range(2)])
+    assert max_relative_error(grads_u_pure, nnx.to_pure_dict(grads_s)) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "policy, scan_layers",
+    [("full", True), ("save_projections", True), ("dots", True), ("save_attention_out", False)],
+)
+def test_remat_policies_keep_loss_and_grads(policy, scan_layers):
+    tokens, targets = make_batch()
+    reference = loss_and_grads(*nnx.split(Transformer(tiny_cfg(scan_layers=scan_layers), rngs=nnx.Rngs(0))),
+                               tokens, targets)
+    remat = Transformer(tiny_cfg(scan_layers=scan_layers, remat_policy=policy), rngs=nnx.Rngs(0))
+    loss, grads = loss_and_grads(*nnx.split(remat), tokens, targets)
+    assert abs(float(loss - reference[0])) <= 1e-6 * abs(float(reference[0]))
+    assert max_relative_error(grads, reference[1]) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(num_heads=6, num_kv_heads=4), "multiple of model.num_kv_heads"),
+        (dict(head_dim=15), "even"),
+        (dict(mlp_activation="relu"), "mlp_activation"),
+        (dict(norm_placement="post"), "norm_placement"),
+        (dict(remat_policy="everything"), "remat_policy"),
+        (dict(attention="flash"), "model.attention"),
+        (dict(d_model=0), "model.d_model"),
+    ],
+)
+def test_bad_model_config_is_a_user_error(overrides, message):
+    with pytest.raises(UserError, match=message):
+        Transformer(tiny_cfg(**overrides), rngs=nnx.Rngs(0))
+
+
+def test_splash_sequence_not_divisible_by_block_is_a_user_error():
+    model = Transformer(tiny_cfg(attention="splash", splash_block_q=128, splash_block_kv=128), rngs=nnx.Rngs(0))
+    with pytest.raises(UserError, match="splash_block_q 128 must be a multiple of 128 that divides the sequence length 192"):
+        model(jnp.zeros((1, 192), jnp.int32))
