@@ -60,10 +60,10 @@ def build_llama(model_cfg, seq_len: int):
 
 
 def matmul_params(model) -> int:
-    """Parameters of the nn.Linear layers (attention, MLP, output head): what 6·N counts."""
+    """Weights of the per-layer projections, as `nucgpt.flops.matmul_params` counts ours (no head)."""
     import torch
 
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return sum(m.weight.numel() for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear))
 
 
 @exits_cleanly_on_user_error

@@ -33,7 +33,8 @@ from absl import app, flags
 from ml_collections import ConfigDict, config_flags
 
 from benchmarks import report
-from nucgpt import flops, step
+from nucgpt import config as config_checks
+from nucgpt import flops, sharding, step
 from nucgpt.errors import UserError, exits_cleanly_on_user_error
 
 config_flags.DEFINE_config_file("config", None, "configs/pretrain.py:<preset>", lock_config=True)
@@ -137,9 +138,16 @@ def common_fields(config: ConfigDict) -> dict[str, Any]:
     )
 
 
+def build_trainer(config: ConfigDict) -> step.Trainer:
+    """The training run's trainer, after the checks `nucgpt.train` makes (data fields aside: no data is read)."""
+    mesh = sharding.make_mesh(config.mesh)
+    config_checks.validate(config, mesh_shape(mesh), jax.process_count())
+    return step.build_trainer(config, mesh)
+
+
 def measure(config: ConfigDict, steps: int, warmup: int) -> dict[str, Any]:
     """Builds the trainer, compiles its step for a synthetic batch, times `steps` steps; one record."""
-    trainer = step.build_trainer(config)
+    trainer = build_trainer(config)
     try:
         state = trainer.init_state()
         batch = trainer.dummy_global_batch()
@@ -179,7 +187,7 @@ def measure(config: ConfigDict, steps: int, warmup: int) -> dict[str, Any]:
 
 def dry_run(config: ConfigDict) -> dict[str, Any]:
     """Compiles the step for abstract state and batch: what it would need, without allocating it."""
-    trainer = step.build_trainer(config)
+    trainer = build_trainer(config)
     compile_start = time.perf_counter()
     compiled = trainer.train_step.lower(trainer.abstract_state, trainer.abstract_batch()).compile()
     tokens = config.train.global_batch_size * config.train.seq_len

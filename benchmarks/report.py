@@ -79,7 +79,7 @@ def format_table(record: dict) -> str:
         ("params", f"{record['params'] / 1e6:.1f}M"),
         ("step time (s)", f"median {step['median']:.4f}  min {step['min']:.4f}  max {step['max']:.4f}"),
         ("tokens/s", f"{record['tokens_per_sec']:,.0f} ({record['tokens_per_sec_per_device']:,.0f} per device)"),
-        ("TFLOP/s per device", f"{record['tflops_per_device']:.1f}"),
+        ("TFLOP/s per device", f"{record['tflops_per_device']:.4g}"),
         ("MFU", "unknown (no peak for this device; pass --peak_tflops)" if mfu is None else f"{mfu:.1%}"),
         ("peak memory", "unknown" if memory is None else f"{memory / 2**30:.2f} GiB"),
         ("compile time (s)", "n/a" if record["compile_time_s"] is None else f"{record['compile_time_s']:.1f}"),

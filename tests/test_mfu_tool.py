@@ -1,0 +1,71 @@
+"""benchmarks.mfu on CPU: the real trainer step on the demo preset, its JSON fields, and an MFU that
+is null without a known peak and computed from an explicit --peak_tflops, never invented."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import report
+
+REPO = Path(__file__).resolve().parents[1]
+# The demo preset, shrunk further so each run compiles and steps in seconds on 8 virtual CPU devices.
+TINY = ["--config.model.num_layers=1", "--config.model.d_model=64", "--config.model.mlp_dim=128",
+        "--config.train.seq_len=32", "--config.train.global_batch_size=8"]
+
+
+def run_mfu(tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    json_out = tmp_path / "results.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.mfu", "--config", "configs/pretrain.py:demo", *TINY,
+         "--steps", "2", "--warmup", "1", "--json_out", str(json_out), *extra],
+        cwd=REPO, capture_output=True, text=True, timeout=240,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
+    records = [json.loads(line) for line in json_out.read_text().splitlines()] if json_out.exists() else []
+    return proc, records
+
+
+def test_demo_without_peak_reports_every_field_and_no_mfu(tmp_path):
+    proc, records = run_mfu(tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(records) == 1
+    record = records[0]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == record  # the JSON line is printed last
+    for key in report.RECORD_KEYS:
+        assert key in record, key
+    assert record["device_kind"] == "cpu"
+    assert record["num_devices"] == 8
+    assert record["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert (record["global_batch"], record["seq_len"]) == (8, 32)
+    step = record["step_time_s"]
+    assert 0 < step["min"] <= step["median"] <= step["max"]
+    assert record["tokens_per_sec"] == pytest.approx(8 * 32 / step["median"])
+    assert record["tokens_per_sec_per_device"] == pytest.approx(record["tokens_per_sec"] / 8)
+    assert record["tflops_per_device"] == pytest.approx(
+        record["tokens_per_sec_per_device"] * record["flops_per_token"] / 1e12
+    )
+    assert record["mfu"] is None
+    assert record["peak_memory_bytes"] is None  # the CPU runtime keeps no allocator statistics
+    assert record["compile_time_s"] > 0
+    assert record["params"] > 0
+    assert "MFU                 unknown" in proc.stdout
+
+
+def test_explicit_peak_gives_mfu_from_measured_flops(tmp_path):
+    proc, records = run_mfu(tmp_path, "--peak_tflops=0.5")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = records[0]
+    assert record["peak_flops_per_device"] == 0.5e12
+    assert record["mfu"] == pytest.approx(record["tflops_per_device"] / 0.5)
+    assert 0 < record["mfu"] < 1
+
+
+def test_bad_input_is_one_line_error(tmp_path):
+    proc, records = run_mfu(tmp_path, "--steps=0")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --steps")
+    assert records == []
