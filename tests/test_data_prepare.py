@@ -122,6 +122,8 @@ def _leftovers(parent) -> list[str]:
         (b"", {}, "empty file"),
         (b"ACGT\nACGT\n", {}, r"bad\.fa:1: sequence before the first '>' header"),
         (b">chr1\nACGT\nAC-T\n", {}, r"bad\.fa:3: invalid character '-'"),
+        (b">chr1\nAC>T\n", {}, r"bad\.fa:2: invalid character '>'"),
+        (gzip.compress(b">chr1\n" + b"ACGT\n" * 100_000 + b"ACxT\n"), {}, r"bad\.fa:100002: invalid character 'x'"),
         (b">chr1\nACGT\n", {"window": 0}, "--window must be positive, got 0"),
         (b">chr1\nACGT\n", {"valid_chroms": ["chr7"]}, "--valid_chroms: chromosome 'chr7' is not in the input"),
         (b">chr1\nACGT\n>chr1\nACGT\n", {}, "appears twice"),

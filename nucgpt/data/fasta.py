@@ -14,6 +14,8 @@ import dataclasses
 import hashlib
 import io
 import os
+import queue
+import threading
 import zlib
 from typing import Iterator
 
@@ -30,14 +32,15 @@ def _normalising_table() -> bytes:
     for base in b"ACGTN":
         table[base] = base
         table[base + 32] = base + 32
-    for code in IUPAC_CODES:
-        table[code] = ord("N")
-        table[code + 32] = ord("n")
+    for code in IUPAC_CODES:  # marked first: rare, so found by a fast `in` before they are counted
+        table[code] = 1
+        table[code + 32] = 2
     return bytes(table)
 
 
 NORMALISE = _normalising_table()
-_NORMALISE_KEEP_LINES = NORMALISE[:10] + b"\n" + NORMALISE[11:]  # to find the line of a bad byte
+_MARKS_TO_N = bytes.maketrans(b"\x01\x02", b"Nn")
+_FIND_INVALID = bytes(value or (byte in _DROPPED) for byte, value in enumerate(NORMALISE))  # 0 = not allowed
 
 
 def _read_blocks(f, size: int, digest) -> Iterator[bytes]:
@@ -74,6 +77,45 @@ def decompressed_blocks(path: str | os.PathLike, digest=None) -> Iterator[bytes]
             raise UserError(f"{path}: truncated gzip file (the compressed stream ends early)")
 
 
+_END = object()
+
+
+def read_ahead(blocks: Iterator[bytes], depth: int = 2) -> Iterator[bytes]:
+    """`blocks`, produced in a thread: zlib and sha256 release the GIL, so gunzip overlaps the consumer.
+
+    At most `depth` blocks wait in the queue, so memory stays bounded; errors reach the consumer.
+    """
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce() -> None:
+        try:
+            for block in blocks:
+                if not put(block):
+                    return
+            put(_END)
+        except BaseException as e:  # handed over and raised in the consumer
+            put(e)
+
+    threading.Thread(target=produce, daemon=True, name="read_ahead").start()
+    try:
+        while (item := ready.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
 @dataclasses.dataclass
 class SequenceStats:
     """What a reader saw, for the manifest: IUPAC codes turned into N, the sha256 of the raw file."""
@@ -82,20 +124,37 @@ class SequenceStats:
     sha256: "hashlib._Hash" = dataclasses.field(default_factory=hashlib.sha256)
 
 
-def _normalise(path, data: bytes, first_line: int, stats: SequenceStats) -> bytes:
-    """Normalised bases of `data` (sequence lines starting at line `first_line`); errors name the line."""
+def _line_at(path, offset: int) -> int:
+    """The line number of byte `offset` of the decompressed file: counted again only to report an error."""
+    newlines = 0
+    for block in decompressed_blocks(path):
+        if offset < len(block):
+            return newlines + block.count(b"\n", 0, offset) + 1
+        newlines += block.count(b"\n")
+        offset -= len(block)
+    return newlines + 1
+
+
+class _InvalidByte(Exception):
+    def __init__(self, index: int, char: str):
+        super().__init__(index, char)
+        self.index, self.char = index, char
+
+
+def _invalid_message(path, line: int, char: str) -> str:
+    return (f"{path}:{line}: invalid character {char!r} in sequence "
+            f"(allowed: ACGTN, IUPAC codes {IUPAC_CODES.decode()} which become N; either case)")
+
+
+def _normalise(data: bytes, stats: SequenceStats) -> bytes:
+    """Normalised bases of sequence text `data`; raises _InvalidByte at the first byte not allowed."""
     bases = data.translate(NORMALISE, _DROPPED)
     if b"\0" in bases:
-        with_lines = data.translate(_NORMALISE_KEEP_LINES, b"\r \t")
-        bad = with_lines.index(b"\0")
-        line = first_line + with_lines.count(b"\n", 0, bad)
-        char = data.replace(b"\r", b"").replace(b" ", b"").replace(b"\t", b"")[bad : bad + 1]
-        raise UserError(
-            f"{path}:{line}: invalid character {char.decode('latin-1')!r} in sequence "
-            f"(allowed: ACGTN, IUPAC codes {IUPAC_CODES.decode()} which become N; either case)"
-        )
-    iupac = bases.count(b"N") + bases.count(b"n") - data.count(b"N") - data.count(b"n")
-    stats.iupac_bases += iupac
+        bad = data.translate(_FIND_INVALID).index(b"\0")
+        raise _InvalidByte(bad, chr(data[bad]))
+    if b"\x01" in bases or b"\x02" in bases:
+        stats.iupac_bases += bases.count(b"\x01") + bases.count(b"\x02")
+        bases = bases.translate(_MARKS_TO_N)
     return bases
 
 
@@ -104,47 +163,52 @@ def read_fasta(path: str | os.PathLike, stats: SequenceStats) -> Iterator[tuple[
 
     The chromosome name is the header up to the first whitespace; descriptions are ignored.
     """
-    line = 1  # line number at `pos` in the current block
+    block_offset = 0  # file offset of block[0]
     carry = b""
     at_line_start = True
     seen_header = False
     seen_any = False
     chrom = ""
-    for raw in decompressed_blocks(path, stats.sha256):
+    for raw in read_ahead(decompressed_blocks(path, stats.sha256)):
         seen_any = True
         block = carry + raw if carry else raw
         carry = b""
         pos = 0
         while pos < len(block):
-            if block[pos] == 0x3E and (at_line_start if pos == 0 else block[pos - 1] == 0x0A):  # '>'
+            if block[pos] == 0x3E:  # '>'
+                if not (at_line_start if pos == 0 else block[pos - 1] == 0x0A):
+                    raise UserError(f"{path}:{_line_at(path, block_offset + pos)}: invalid character '>' "
+                                    "inside a sequence line")
                 end = block.find(b"\n", pos)
                 if end < 0:
                     carry = block[pos:]
                     break
                 name = block[pos + 1 : end].split(None, 1)
                 if not name:
-                    raise UserError(f"{path}:{line}: FASTA header without a sequence name")
+                    raise UserError(f"{path}:{_line_at(path, block_offset + pos)}: FASTA header without a name")
                 seen_header = True
                 chrom = name[0].decode("ascii", "replace")
                 yield chrom, b""
-                line += 1
                 pos = end + 1
                 continue
-            next_header = block.find(b"\n>", pos)
-            end = next_header + 1 if next_header >= 0 else len(block)
-            data = block[pos:end]
-            bases = _normalise(path, data, line, stats)
-            if bases and not seen_header:
-                raise UserError(f"{path}:{line}: sequence before the first '>' header (not a FASTA file?)")
+            end = block.find(b">", pos)
+            end = len(block) if end < 0 else end
+            try:
+                bases = _normalise(block[pos:end], stats)
+            except _InvalidByte as e:
+                raise UserError(_invalid_message(path, _line_at(path, block_offset + pos + e.index), e.char)) from None
             if bases:
+                if not seen_header:
+                    raise UserError(f"{path}:{_line_at(path, block_offset + pos)}: sequence before the first "
+                                    "'>' header (not a FASTA file?)")
                 yield chrom, bases
-            line += data.count(b"\n")
             pos = end
         at_line_start = block.endswith(b"\n") or bool(carry)
+        block_offset += len(block) - len(carry)
     if carry:  # a last header line without a newline
         name = carry[1:].split(None, 1)
         if not name:
-            raise UserError(f"{path}:{line}: FASTA header without a sequence name")
+            raise UserError(f"{path}:{_line_at(path, block_offset)}: FASTA header without a name")
         seen_header = True
         yield name[0].decode("ascii", "replace"), b""
     if not seen_any:
@@ -174,7 +238,10 @@ def read_csv_bins(path: str | os.PathLike, stats: SequenceStats) -> Iterator[tup
             chrom, start, seq = row[chrom_col], int(row[start_col]), row[seq_col]
         except (IndexError, ValueError):
             raise UserError(f"{path}:{line}: malformed CSV row (want Chrom,Start,End,Sequence)") from None
-        yield chrom, start, _normalise(path, seq.encode("latin-1"), line, stats)
+        try:
+            yield chrom, start, _normalise(seq.encode("latin-1"), stats)
+        except _InvalidByte as e:
+            raise UserError(_invalid_message(path, line, e.char)) from None
 
 
 class _BlockStream(io.RawIOBase):
