@@ -18,12 +18,14 @@ set -uo pipefail
 
 die() { echo "error: $*" >&2; exit 2; }
 
-[ $# -ge 1 ] || die "usage: $0 N [--] <command...>"
+usage="usage: $0 N [--] <command...>"
+[ $# -ge 1 ] || die "$usage"
+case $1 in -h | --help) echo "$usage"; exit 0 ;; esac
 num_processes=$1
 shift
 [[ $num_processes =~ ^[1-9][0-9]*$ ]] || die "N must be a positive integer, got '$num_processes'"
 [ "${1:-}" = "--" ] && shift
-[ $# -ge 1 ] || die "no command given; usage: $0 N [--] <command...>"
+[ $# -ge 1 ] || die "no command given; $usage"
 
 devices_per_process=${DEVICES_PER_PROCESS:-1}
 [[ $devices_per_process =~ ^[1-9][0-9]*$ ]] ||
