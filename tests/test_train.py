@@ -1,0 +1,152 @@
+"""End-to-end trainer runs (subprocesses, tiny model): training, exact resume after kill -9,
+SIGTERM, NaN, TensorBoard; and the in-process step (gradient accumulation, restore onto a new mesh)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = [
+    "--config.model.d_model=32", "--config.model.num_layers=2", "--config.model.num_heads=2",
+    "--config.model.num_kv_heads=2", "--config.model.head_dim=16", "--config.model.mlp_dim=64",
+    "--config.model.attention=xla", "--config.train.seq_len=64", "--config.train.global_batch_size=8",
+    "--config.train.eval_steps=2", "--config.optim.learning_rate=0.01", "--config.optim.warmup_steps=2",
+    "--config.checkpoint.async_save=True", "--config.data.synthetic_bp=0",
+]
+
+
+@pytest.fixture(scope="session")
+def genome(tmp_path_factory) -> str:
+    """A small prepared synthetic genome shared by every run (windows of seq_len + 1 bases)."""
+    from nucgpt.data import prepare, synthetic
+
+    root = tmp_path_factory.mktemp("genome")
+    synthetic.write_genome(root / "g.fa", bp=120_000, seed=1)
+    prepare.prepare([str(root / "g.fa")], root / "data", window=65, valid_chroms=("chr4",), progress=False)
+    return str(root / "data")
+
+
+def train_command(workdir, genome, *extra) -> list[str]:
+    return [sys.executable, "-m", "nucgpt.train", "--config", "configs/pretrain.py:demo", "--workdir", str(workdir),
+            f"--config.data.path={genome}", *TINY, *extra]
+
+
+def run_train(workdir, genome, *extra, timeout=180) -> subprocess.CompletedProcess:
+    return subprocess.run(train_command(workdir, genome, *extra), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def metrics_lines(workdir) -> list[dict]:
+    return [json.loads(l) for l in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_params(workdir) -> dict:
+    from nucgpt.checkpoint import load_pretrained
+
+    return jax.device_get(load_pretrained(str(workdir))[1])
+
+
+def assert_trees_equal(a, b) -> None:
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, genome):
+    """12 uninterrupted steps, logging every step, eval at 4, 8, 12, checkpoint every 4."""
+    workdir = tmp_path_factory.mktemp("reference")
+    result = run_train(workdir, genome, "--config.train.steps=12", "--config.train.log_every=1",
+                       "--config.train.eval_every=4", "--config.checkpoint.every=4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir, result
+
+
+def test_training_lowers_eval_loss_and_writes_logs(reference_run):
+    workdir, result = reference_run
+    lines = metrics_lines(workdir)
+    train = [l for l in lines if "loss" in l]
+    evals = [l for l in lines if "eval_loss" in l]
+    assert [l["step"] for l in train] == list(range(1, 13))
+    assert all(l["mfu"] is None and l["tokens_per_sec"] > 0 for l in train)  # CPU peak is unknown
+    assert [l["step"] for l in evals] == [4, 8, 12]
+    assert {"eval_loss_repeat", "eval_loss_unique", "eval_bits_per_base"} <= set(evals[0])
+    # From the untrained model's ln 6 ≈ 1.79 to below the first eval, ending well under the start.
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] < train[0]["loss"] - 0.2, [e["eval_loss"] for e in evals]
+    assert "done: step 12" in result.stdout
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["train"]["seq_len"] == 64 and config["task"] == "pretrain"
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["12", "8"]  # keep=2 of the demo preset
+
+    events = EventAccumulator(str(workdir / "tensorboard"))
+    events.Reload()
+    assert {"loss", "tokens_per_sec", "eval_loss", "eval_loss_repeat", "eval_loss_unique"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("eval_loss")] == [4, 8, 12]
+    np.testing.assert_allclose(events.Scalars("loss")[-1].value, train[-1]["loss"], rtol=1e-6)
+
+
+def test_kill_9_then_resume_is_bit_identical(reference_run, genome, tmp_path):
+    """A run killed mid-way and resumed ends with the reference's exact params and per-step losses."""
+    workdir = tmp_path / "killed"
+    args = ("--config.train.steps=12", "--config.train.log_every=1", "--config.train.eval_every=4",
+            "--config.checkpoint.every=4", "--config.checkpoint.keep=5")
+    proc = subprocess.Popen(train_command(workdir, genome, *args, "--config.checkpoint.async_save=False"), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 150
+    while not (workdir / "checkpoints" / "4").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
+    assert saved and saved[-1] < 12, f"the run was not interrupted mid-way (checkpoints {saved})"
+
+    result = run_train(workdir, genome, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from checkpoint step {saved[-1]}" in result.stdout
+
+    reference_dir, _ = reference_run
+    assert_trees_equal(final_params(workdir), final_params(reference_dir))
+    # The data order continued exactly: every step after the resume saw the reference's batch.
+    reference = {l["step"]: l["loss"] for l in metrics_lines(reference_dir) if "loss" in l}
+    resumed = [l for l in metrics_lines(workdir) if "loss" in l and l["step"] > saved[-1]]
+    assert [l["step"] for l in resumed] == list(range(saved[-1] + 1, 13))
+    assert all(l["loss"] == reference[l["step"]] for l in resumed)
+
+
+def test_sigterm_saves_and_exits_zero(genome, tmp_path):
+    workdir = tmp_path / "preempted"
+    proc = subprocess.Popen(train_command(workdir, genome, "--config.train.steps=100000", "--config.checkpoint.every=100000",
+                                          "--config.train.eval_every=100000"),
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 150
+    while not (workdir / "metrics.jsonl").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    saved = [int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit()]
+    assert len(saved) == 1 and 0 < saved[0] < 100000
+    assert f"preempted (SIGTERM): saved checkpoint step {saved[0]}" in out
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(genome, tmp_path):
+    """An absurd learning rate blows the weights up; the run stops with exit 1, saving nothing after."""
+    workdir = tmp_path / "nan"
+    result = run_train(workdir, genome, "--config.train.steps=50", "--config.checkpoint.every=2",
+                       "--config.optim.learning_rate=1e30", "--config.optim.final_learning_rate=1e29",
+                       "--config.optim.warmup_steps=0", "--config.optim.clip_norm=0")
+    assert result.returncode == 1, result.stderr[-3000:]
+    line = [l for l in result.stderr.splitlines() if l.startswith("error: training diverged")]
+    assert line, result.stderr[-3000:]
+    bad_step = int(line[0].split(" at step ")[1].split(";")[0])
+    saved = sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
+    assert all(s < bad_step for s in saved)
+    assert (f"last good checkpoint is step {saved[-1]}" if saved else "no checkpoint was saved") in line[0]
