@@ -10,6 +10,7 @@ from typing import Mapping
 from ml_collections import ConfigDict
 
 from nucgpt.errors import UserError
+from nucgpt.model import attention
 from nucgpt.tokenizers import get_tokenizer
 
 CHOICES = {
@@ -65,10 +66,10 @@ def problems(config: ConfigDict, mesh_shape: Mapping[str, int] | None = None, pr
             out.append(f"model.num_heads: {m.num_heads} is not a multiple of model.num_kv_heads ({m.num_kv_heads})")
         if m.head_dim % 2:
             out.append(f"model.head_dim: {m.head_dim} must be even for rotary embeddings")
-        if m.attention == "splash":
-            for key in ("splash_block_q", "splash_block_kv"):
-                if t.seq_len % m[key]:
-                    out.append(f"train.seq_len: {t.seq_len} is not a multiple of model.{key} ({m[key]}) for splash attention")
+        try:  # the attention module's own rule for the backend `auto` resolves to on this platform
+            attention.check_shapes(attention.resolve_backend(m.attention), t.seq_len, m.head_dim, m.splash_block_q, m.splash_block_kv)
+        except UserError as e:
+            out.append(f"train.seq_len: {t.seq_len} with model.attention={m.attention!r}: {e}")
     if _has(config, "data.tokenizer"):
         tokenizer = get_tokenizer(config.data.tokenizer, pad_multiple=config.data.kmer_pad_multiple)
         if m.vocab_size < tokenizer.vocab_size:

@@ -8,6 +8,7 @@ every `checkpoint.every` steps and at the end. SIGTERM saves at the next step bo
 """
 
 import math
+import re
 import signal
 import sys
 import time
@@ -271,10 +272,11 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except (AttributeError, KeyError) as e:  # config_flags: an override of a key the config lacks
-        key = str(e).strip("'\"").split("\\n")[0].split("\n")[0].strip("'\"")
-        given = [a.split("=")[0] for a in argv if a.startswith("--config.") and a.split("=")[0].endswith(key)]
-        hint = str(e).split("Did you mean")[1].strip(" '\"?\n").rstrip("?'\"") if "Did you mean" in str(e) else ""
-        message = f"unknown config key {given[0][2:] if given else key!r}" + (f" (did you mean {hint}?)" if hint else "")
+        key = re.search(r"'(\w+)", str(e))
+        hint = re.search(r'Did you mean "(\w+)"', str(e))
+        given = [a.split("=")[0][len("--config."):] for a in argv if key and a.startswith("--config.") and key[1] in a.split("=")[0]]
+        name = given[0] if given else key[1] if key else str(e)
+        message = f"unknown config key {name}" + (f" (did you mean {name.rsplit('.', 1)[0]}.{hint[1]}?)" if hint and "." in name else "")
     except flags.Error as e:
         lines = [l.strip() for l in str(e).splitlines() if l.strip()]
         errors = [l for l in lines if "Error:" in l and not l.startswith("flag ")]

@@ -1,0 +1,89 @@
+"""Bad configs are refused before anything starts, each problem named by its field."""
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from nucgpt import config as config_lib
+from nucgpt.errors import UserError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "configs"))
+import pretrain  # noqa: E402
+
+
+def demo():
+    return pretrain.get_config("demo")
+
+
+MESH_8 = {"data": 1, "fsdp": 8, "tensor": 1}
+
+
+@pytest.mark.parametrize("preset", sorted(pretrain.PRESETS))
+def test_every_preset_is_valid(preset):
+    assert config_lib.problems(pretrain.get_config(preset), MESH_8) == []
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (lambda c: c.model.update(num_heads=6, num_kv_heads=4), "model.num_heads"),
+        (lambda c: c.model.update(attention="splash", splash_block_q=384), "train.seq_len"),
+        (lambda c: c.train.update(global_batch_size=12), "train.global_batch_size"),
+        (lambda c: c.train.update(global_batch_size=16, grad_accum_steps=3), "train.global_batch_size"),
+        (lambda c: c.model.update(attention="flash"), "model.attention"),
+        (lambda c: c.train.update(steps=0), "train.steps"),
+        (lambda c: c.train.update(repeat_weight=-1.0), "train.repeat_weight"),
+        (lambda c: c.data.update(tokenizer="kmer6_overlap"), "model.vocab_size"),
+        (lambda c: c.optim.update(final_learning_rate=1.0), "optim.final_learning_rate"),
+        (lambda c: c.model.update(head_dim=31), "model.head_dim"),
+    ],
+)
+def test_bad_field_is_named(change, field):
+    c = demo()
+    change(c)
+    found = config_lib.problems(c, MESH_8)
+    assert any(p.startswith(field + ":") for p in found), found
+
+
+def test_tensor_parallelism_must_divide_heads():
+    c = demo()
+    c.model.update(num_heads=4, num_kv_heads=4)
+    found = config_lib.problems(c, {"data": 1, "fsdp": 1, "tensor": 8})
+    assert any(p.startswith("model.num_heads:") for p in found)
+
+
+def test_all_problems_reported_at_once():
+    c = demo()
+    c.train.update(global_batch_size=12)
+    c.model.update(num_heads=6, num_kv_heads=4)
+    with pytest.raises(UserError) as e:
+        config_lib.validate(c, MESH_8)
+    assert "train.global_batch_size" in str(e.value) and "model.num_heads" in str(e.value)
+
+
+def _train(*args, tmp_path):
+    return subprocess.run(
+        [sys.executable, "-m", "nucgpt.train", "--workdir", str(tmp_path / "w"), *args],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config", "configs/pretrain.py:demo", "--config.train.stepz=3"], "error: unknown config key train.stepz (did you mean train.steps?)"),
+        (["--config", "configs/pretrain.py:nope"], "error: unknown preset 'nope'"),
+        (["--config", "configs/pretrain.py:demo", "--config.train.global_batch_size=12"], "error: train.global_batch_size: 12"),
+        (["--config", "configs/pretrain.py:demo", "--config.data.synthetic_bp=0", "--config.data.path=/nonexistent"], "error: /nonexistent: no manifest.json"),
+    ],
+    ids=["unknown-key", "unknown-preset", "batch-vs-devices", "no-manifest"],
+)
+def test_command_line_errors_are_one_line_exit_2(args, message, tmp_path):
+    result = _train(*args, tmp_path=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert lines[-1].startswith(message), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "w" / "checkpoints").exists()
