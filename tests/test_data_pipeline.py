@@ -72,8 +72,8 @@ def test_records_cropped_to_seq_len(dataset):
     batch = next(make(dataset, seq_len=16, batch=4, train=False, split="valid"))
     first = stored(dataset, "valid")[0]
     ids, repeat, _ = get_tokenizer("nucleotide").encode(first[:17])
-    assert (batch["inputs"][0] == ids[:16]).all() and (batch["targets"][0, :15] == ids[1:16]).all()
-    assert (batch["target_repeat"][0, :15] == repeat[1:16]).all() and not batch["target_valid"][0, 15]
+    assert (batch["inputs"][0] == ids[:16]).all() and (batch["targets"][0] == ids[1:17]).all()
+    assert (batch["target_repeat"][0] == repeat[1:17]).all() and batch["target_valid"][0, 15] == (ids[16] < 5)
 
 
 @pytest.mark.parametrize("count", [1, 2, 3, 4])

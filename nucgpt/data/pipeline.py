@@ -50,7 +50,11 @@ def reverse_complement(seq_u8: np.ndarray) -> np.ndarray:
 
 
 class LmExample(grain.transforms.RandomMap):
-    """One record → the model's inputs and next-token targets, all [seq_len]; b"" → an all-padding row."""
+    """One record → the model's inputs and next-token targets, all [seq_len]; b"" → an all-padding row.
+
+    inputs are the first seq_len tokens; targets[i] is token i+1, so the last position has a target
+    only when the record has more than seq_len tokens (prepare windows of seq_len + 1 tokens for that).
+    """
 
     def __init__(self, tokenizer: Tokenizer, seq_len: int, reverse_complement_prob: float):
         self.tokenizer = tokenizer
@@ -67,7 +71,7 @@ class LmExample(grain.transforms.RandomMap):
             if self.reverse_complement_prob and rng.random() < self.reverse_complement_prob:
                 seq_u8 = reverse_complement(seq_u8)
             ids, repeat, valid = self.tokenizer.encode(seq_u8)
-            n = min(len(ids), L)
+            n = min(len(ids), L + 1)  # token L, when the record has it, is the last position's target
             ids_T[:n], repeat_T[:n], valid_T[:n] = ids[:n], repeat[:n], valid[:n]
         return dict(
             inputs=ids_T[:L],
