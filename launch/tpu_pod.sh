@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Trains nucgpt on a Cloud TPU VM slice: create it, copy and install the project on every worker,
 # run the trainer on all workers at once (one JAX process per worker), stream worker 0's log, and
-# delete the slice when asked. Actions run in this order: --create, --run, --logs, --stop, --delete.
+# delete the slice when asked. Actions run in this order: --create, --run, --stop, --logs, --delete
+# (--run streams the log by itself; --stop --logs sends SIGTERM and watches the checkpoint being saved).
 #
 #   launch/tpu_pod.sh --name nucgpt-v5p --type v5p-32 --zone us-east5-a --create --run \
 #       -- --config configs/pretrain.py:nucleotide_gpt_500m --workdir gs://BUCKET/runs/500m
@@ -14,7 +15,7 @@
 set -euo pipefail
 
 usage="usage: $0 --name NAME --zone ZONE [--project PROJECT] [--type TYPE] [--runtime VERSION] [--spot]
-       [--python VERSION] [--create] [--run] [--logs] [--stop] [--delete] [--dry-run] [-- TRAINER_ARGS...]"
+       [--python VERSION] [--create] [--run] [--stop] [--logs] [--delete] [--dry-run] [-- TRAINER_ARGS...]"
 die() { echo "error: $*" >&2; exit 2; }
 
 name="" zone="" project="" type="" runtime="" spot=0 python_version=3.12 dry_run=0
@@ -53,7 +54,7 @@ done
 [ -n "$name" ] || die "--name is required (the TPU VM slice's name)"
 [ -n "$zone" ] || die "--zone is required (e.g. us-east5-a)"
 [ $((create + run + logs + stop + delete)) -gt 0 ] ||
-  die "nothing to do: give at least one of --create --run --logs --stop --delete"
+  die "nothing to do: give at least one of --create --run --stop --logs --delete"
 if [ "$create" = 1 ]; then
   [ -n "$type" ] || die "--create needs --type (e.g. v3-8, v4-32, v5p-32, v5litepod-16, v6e-16)"
   [[ $type =~ ^v[0-9a-z]+-[0-9]+$ ]] || die "--type must look like v5p-32, got '$type'"
@@ -115,22 +116,24 @@ if [ "$run" = 1 ]; then
 ~/.local/bin/uv pip install --quiet --python $venv/bin/python 'jax[tpu]>=0.10,<0.12' ./nucgpt"
   train_command="$venv/bin/python -m nucgpt.train"
   for word in "${trainer_args[@]}"; do train_command+=" $(printf '%q' "$word")"; done
-  detached="cd ~/nucgpt && ~/$train_command > ~/$log 2>&1 < /dev/null & echo \$! > ~/$pid; wait \$!; echo \$? > ~/$rc"
+  # `$!` must be the trainer itself (not a subshell), so that --stop's SIGTERM reaches it.
+  detached="cd ~/nucgpt || exit; ~/$train_command > ~/$log 2>&1 < /dev/null & echo \$! > ~/$pid; wait \$!; echo \$? > ~/$rc"
   on_workers all "set -e; cd ~; \
 if [ -s $pid ] && kill -0 \"\$(cat $pid)\" 2>/dev/null; then echo \"a run is still going (pid \$(cat $pid)); --stop it first\" >&2; exit 1; fi; \
 rm -f $pid $rc; \
 setsid bash -c $(printf '%q' "$detached") > /dev/null 2>&1 < /dev/null &"
 fi
 
+if [ "$stop" = 1 ]; then
+  on_workers all "cd ~; [ -s $pid ] && kill -TERM \"\$(cat $pid)\" 2>/dev/null && echo \"worker \$(hostname): SIGTERM sent\" || true"
+fi
+
 if [ "$run" = 1 ] || [ "$logs" = 1 ]; then
-  on_workers 0 "cd ~; while [ ! -s $pid ]; do sleep 1; done; \
+  on_workers 0 "cd ~; for _ in \$(seq 60); do [ -s $pid ] && break; sleep 1; done; \
+[ -s $pid ] || { echo 'no run found on this slice (start one with --run)' >&2; exit 1; }; \
 tail -n +1 -F --pid=\"\$(cat $pid)\" $log; \
 for _ in \$(seq 30); do [ -s $rc ] && exit \"\$(cat $rc)\"; sleep 1; done; \
 echo 'the trainer ended without an exit status (killed with its VM?)' >&2; exit 1" || status=$?
-fi
-
-if [ "$stop" = 1 ]; then
-  on_workers all "cd ~; [ -s $pid ] && kill -TERM \"\$(cat $pid)\" 2>/dev/null && echo \"worker \$(hostname): SIGTERM sent\" || true"
 fi
 
 if [ "$delete" = 1 ]; then

@@ -1,5 +1,6 @@
 """Launch scripts: the local multi-process launcher for real, the TPU and Slurm scripts against fakes."""
 
+import contextlib
 import os
 import pathlib
 import re
@@ -155,8 +156,8 @@ def _write_executable(path: pathlib.Path, text: str) -> None:
     path.chmod(0o755)
 
 
-def test_tpu_pod_runs_its_remote_scripts_on_a_fake_one_worker_slice(tmp_path):
-    """Every command really runs: gcloud is a fake that executes ssh commands in a local home."""
+def fake_slice(tmp_path: pathlib.Path, trainer: str) -> tuple[dict, pathlib.Path]:
+    """A one-worker "slice" in tmp_path: gcloud runs ssh commands in a local home; `trainer` is its python."""
     home, bin_dir = tmp_path / "home", tmp_path / "bin"
     _write_executable(bin_dir / "gcloud", textwrap.dedent(f"""\
         #!/usr/bin/env bash
@@ -168,12 +169,17 @@ def test_tpu_pod_runs_its_remote_scripts_on_a_fake_one_worker_slice(tmp_path):
     """))
     _write_executable(bin_dir / "python3", "#!/bin/sh\n")  # the worker's pip, installing uv
     _write_executable(home / ".local/bin/uv", "#!/bin/sh\n")
-    _write_executable(home / "nucgpt-venv/bin/python", textwrap.dedent("""\
+    _write_executable(home / "nucgpt-venv/bin/python", trainer)
+    return {**ENV, "PATH": f"{bin_dir}:{ENV['PATH']}", "TMPDIR": str(tmp_path)}, home
+
+
+def test_tpu_pod_runs_its_remote_scripts_on_a_fake_one_worker_slice(tmp_path):
+    """Every command really runs, through gcloud's --command quoting, on a fake worker."""
+    env, home = fake_slice(tmp_path, textwrap.dedent("""\
         #!/usr/bin/env bash
         printf 'trainer in %s got:' "$(basename "$PWD")"; printf ' <%s>' "$@"; echo
         exit 3
     """))
-    env = {**ENV, "PATH": f"{bin_dir}:{ENV['PATH']}", "TMPDIR": str(tmp_path)}
     result = tpu_pod("--name", "pod", "--zone", "z", "--create", "--type", "v4-8", "--run", "--delete", "--",
                      *TRAINER_ARGS, env=env)
     assert result.returncode == 3, result.stderr  # the trainer's status, after the slice is deleted
@@ -181,6 +187,29 @@ def test_tpu_pod_runs_its_remote_scripts_on_a_fake_one_worker_slice(tmp_path):
     assert (home / "nucgpt" / "pyproject.toml").is_file()  # the git HEAD tree, unpacked
     calls = (tmp_path / "gcloud.log").read_text().splitlines()
     assert [c.split()[3] for c in calls] == ["create", "scp", "ssh", "ssh", "ssh", "delete"]
+
+
+def test_tpu_pod_stop_reaches_the_detached_trainer_and_logs_reattach(tmp_path):
+    env, home = fake_slice(tmp_path, textwrap.dedent("""\
+        #!/usr/bin/env bash
+        trap 'echo checkpoint saved; exit 0' TERM
+        echo training
+        while true; do sleep 0.1; done
+    """))
+    running = subprocess.Popen(["bash", str(TPU_POD), "--name", "pod", "--zone", "z", "--run", "--", *TRAINER_ARGS],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert running.stdout.readline() == "training\n"
+        stopped = tpu_pod("--name", "pod", "--zone", "z", "--stop", "--logs", env=env)
+        out, err = running.communicate(timeout=60)
+    finally:
+        running.kill()
+        with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):  # a detached leftover
+            os.kill(int((home / "nucgpt_train.pid").read_text()), signal.SIGKILL)
+    assert running.returncode == 0, err
+    assert out == "checkpoint saved\n"
+    assert stopped.returncode == 0, stopped.stderr
+    assert "SIGTERM sent" in stopped.stdout and stopped.stdout.endswith("training\ncheckpoint saved\n")
 
 
 def test_slurm_script_runs_one_task_per_node_with_all_its_gpus(tmp_path):
