@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from nucgpt.data import synthetic
+from nucgpt.data import records, synthetic
 from nucgpt.data.inspect import iter_records
 from nucgpt.data.prepare import prepare
 from nucgpt.errors import UserError
@@ -136,6 +136,20 @@ def test_bad_input_is_one_user_error_and_leaves_nothing(tmp_path, content, kwarg
     with pytest.raises(UserError, match=message):
         prepare([bad], tmp_path / "out", **{"window": 4, "progress": False, **kwargs})
     assert _leftovers(tmp_path) == ["bad.fa"]
+
+
+def test_interrupted_run_leaves_nothing(genome_files, tmp_path, monkeypatch):
+    calls = []
+
+    def interrupt_on_fifth(self, record):
+        calls.append(record)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(records.ShardedWriter, "write", interrupt_on_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        prepare([genome_files[0]], tmp_path / "out", window=1000, progress=False)
+    assert _leftovers(tmp_path) == []
 
 
 def test_existing_out_refused_unless_overwrite(genome_files, tmp_path):

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 from typing import Iterator, Sequence
@@ -322,6 +323,7 @@ def main(argv: Sequence[str]) -> None:
         raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS.out:
         raise UserError("--out is required")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # unwinds, so the temp folder goes
     manifest = prepare(
         FLAGS.fasta, FLAGS.out, csv_paths=FLAGS.csv, window=FLAGS.window, stride=FLAGS.stride, max_n=FLAGS.max_n,
         keep_tail=FLAGS.keep_tail, valid_chroms=FLAGS.valid_chroms, test_chroms=FLAGS.test_chroms,
