@@ -104,12 +104,18 @@ def test_include_exclude_default_drops_alt_random_un_and_chrM(tmp_path):
     assert set(manifest["splits"]["train"]["chroms"]) == {"chr1", "chr1_KI270706v1_random", "chr19_KI270938v1_alt"}
 
 
-def test_csv_bins_input(tmp_path):
-    csv = tmp_path / "bins.csv"
-    csv.write_text("Chrom,Start,End,Sequence\nchr1,0,8,ACGTacgt\nchr1,8,16,NNNNNNNN\nchr2,100,108,ggggCCCC\n")
-    prepare([], tmp_path / "o", csv_paths=[csv], max_n=2, valid_chroms=["chr2"], progress=False)
-    recs = all_records(tmp_path / "o")
-    assert recs["train"] == [("chr1", 0, "ACGTacgt")] and recs["valid"] == [("chr2", 100, "ggggCCCC")]
+def test_csv_bins_input_plain_and_gzip(tmp_path):
+    text = b"Chrom,Start,End,Sequence\nchr1,0,8,ACGTacgt\nchr1,8,16,NNNNNNNN\nchr2,100,108,ggggCCCC\n"
+    (tmp_path / "bins.csv").write_bytes(text)
+    (tmp_path / "bins.csv.gz").write_bytes(gzip.compress(text))
+    for name in ("bins.csv", "bins.csv.gz"):
+        prepare([], tmp_path / f"o_{name}", csv_paths=[tmp_path / name], max_n=2,
+                valid_chroms=["chr2"], progress=False)
+        recs = all_records(tmp_path / f"o_{name}")
+        assert recs["train"] == [("chr1", 0, "ACGTacgt")] and recs["valid"] == [("chr2", 100, "ggggCCCC")]
+    (tmp_path / "bad.csv").write_bytes(text + "chr3,0,4,AC\xe9T\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"bad\.csv:5: invalid character 'é'"):
+        prepare([], tmp_path / "x", csv_paths=[tmp_path / "bad.csv"], progress=False)
 
 
 def _leftovers(parent) -> list[str]:

@@ -219,8 +219,9 @@ def read_fasta(path: str | os.PathLike, stats: SequenceStats) -> Iterator[tuple[
 
 def read_csv_bins(path: str | os.PathLike, stats: SequenceStats) -> Iterator[tuple[str, int, bytes]]:
     """Yields (chrom, start, bases) per row of the original project's `Chrom,Start,End,Sequence` CSV."""
-    text = io.TextIOWrapper(io.BufferedReader(_BlockStream(decompressed_blocks(path, stats.sha256))), encoding="ascii",
-                            errors="replace", newline="")
+    blocks = _BlockStream(decompressed_blocks(path, stats.sha256))
+    # latin-1 maps every byte to one character, so a bad byte reaches _normalise and is reported with its line.
+    text = io.TextIOWrapper(io.BufferedReader(blocks), encoding="latin-1", newline="")
     rows = csv.reader(text)
     header = next(rows, None)
     if header is None:
@@ -239,9 +240,10 @@ def read_csv_bins(path: str | os.PathLike, stats: SequenceStats) -> Iterator[tup
         except (IndexError, ValueError):
             raise UserError(f"{path}:{line}: malformed CSV row (want Chrom,Start,End,Sequence)") from None
         try:
-            yield chrom, start, _normalise(seq.encode("latin-1"), stats)
+            bases = _normalise(seq.encode("latin-1"), stats)
         except _InvalidByte as e:
             raise UserError(_invalid_message(path, line, e.char)) from None
+        yield chrom, start, bases
 
 
 class _BlockStream(io.RawIOBase):
