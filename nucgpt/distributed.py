@@ -8,8 +8,8 @@ setting is taken from the first source that has it:
    `NUCGPT_PROCESS_ID`, `NUCGPT_LOCAL_DEVICE_IDS` (comma-separated) — what
    `launch/local_multihost.sh` sets;
 3. Slurm, inside an `srun` step: `SLURM_PROCID`, `SLURM_STEP_NUM_TASKS` (else `SLURM_NTASKS`), the
-   first host of `SLURM_STEP_NODELIST` (else `SLURM_JOB_NODELIST`) on port
-   `NUCGPT_COORDINATOR_PORT`, or one derived from `SLURM_JOB_ID` so that jobs sharing a node differ;
+   first host of `SLURM_STEP_NODELIST` on port `NUCGPT_COORDINATOR_PORT`, or one derived from
+   `SLURM_JOB_ID` so that jobs sharing a node differ (a batch script outside `srun` is one process);
 4. a Cloud TPU VM (libtpu installed and TPU chips attached): plain `jax.distributed.initialize()`,
    which reads the slice's workers from the metadata server.
 
@@ -89,16 +89,18 @@ def _device_ids(value: str | list[str] | None, name: str) -> tuple[int, ...] | N
 
 
 def _slurm_settings(env: Mapping[str, str]) -> dict[str, str | None]:
-    """What an `srun` task knows about its step; empty outside one."""
-    if "SLURM_PROCID" not in env:
+    """What an `srun` task knows about its step; empty outside one.
+
+    A batch script itself also sees SLURM_PROCID=0 and the job's task count, but it is no task of a
+    run: read as one, it would wait for peers that never come.
+    """
+    if "SLURM_STEP_NODELIST" not in env or "SLURM_PROCID" not in env:
         return {}
-    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
     port = env.get(ENV_PREFIX + "COORDINATOR_PORT")
     if port is None and "SLURM_JOB_ID" in env:
         port = str(_SLURM_PORT_BASE + _integer(env["SLURM_JOB_ID"], "SLURM_JOB_ID") % _SLURM_PORT_SPAN)
-    address = f"{expand_hostlist(nodelist)[0]}:{port}" if nodelist and port else None
     return dict(
-        coordinator_address=address,
+        coordinator_address=f"{expand_hostlist(env['SLURM_STEP_NODELIST'])[0]}:{port}" if port else None,
         num_processes=env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS"),
         process_id=env["SLURM_PROCID"],
     )

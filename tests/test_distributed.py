@@ -51,10 +51,16 @@ def test_slurm_step_gives_rank_count_and_first_host():
     assert group.local_device_ids is None  # a task owns every GPU of its node
 
 
-def test_slurm_falls_back_to_job_values_and_takes_a_port_override():
-    env = {k: v for k, v in SLURM.items() if not k.startswith("SLURM_STEP")}
+def test_slurm_task_count_falls_back_to_the_job_and_the_port_can_be_set():
+    env = {k: v for k, v in SLURM.items() if k != "SLURM_STEP_NUM_TASKS"}
     group = distributed.resolve({**env, "NUCGPT_COORDINATOR_PORT": "1234"}, {})
-    assert (group.num_processes, group.coordinator_address) == (8, "gpu01:1234")
+    assert (group.num_processes, group.coordinator_address) == (8, "gpu07:1234")
+
+
+def test_a_batch_script_outside_srun_is_one_process():
+    """sbatch's own shell sees SLURM_PROCID=0 and the job's task count, but no step."""
+    env = {k: v for k, v in SLURM.items() if not k.startswith("SLURM_STEP")}
+    assert distributed.resolve({**env, "SLURM_PROCID": "0"}, {}) is None
 
 
 def test_flags_beat_environment_beat_slurm():
@@ -66,7 +72,8 @@ def test_flags_beat_environment_beat_slurm():
     assert group.local_device_ids == (0, 1)
 
 
-@pytest.mark.parametrize("env", [{}, {"NUCGPT_NUM_PROCESSES": "1"}, {"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}])
+@pytest.mark.parametrize("env", [{}, {"NUCGPT_NUM_PROCESSES": "1"},
+                                 {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_STEP_NODELIST": "n1"}])
 def test_one_process_needs_no_group(env):
     assert distributed.resolve(env, {}) is None
 
@@ -128,7 +135,7 @@ def test_two_slurm_tasks_form_one_run_on_cpu():
     """)
     base = {k: v for k, v in os.environ.items() if not k.startswith(("NUCGPT_", "SLURM_"))}
     base.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
-                SLURM_NTASKS="2", SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID="77",
+                SLURM_NTASKS="2", SLURM_STEP_NODELIST="localhost", SLURM_JOB_ID="77",
                 NUCGPT_COORDINATOR_PORT=str(_free_port()), PYTHONPATH=str(ROOT))
     tasks = [subprocess.Popen([sys.executable, "-c", program], env={**base, "SLURM_PROCID": str(i)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
