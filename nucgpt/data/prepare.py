@@ -67,14 +67,16 @@ class Windower:
 
     def __init__(self, window: int, stride: int, keep_tail: bool):
         self._window, self._stride, self._keep_tail = window, stride, keep_tail
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new chromosome."""
         self._buf = bytearray()
         self._start = 0  # genome position of buf[0], which is where the next window starts
         self._to_skip = 0  # bases still to skip when stride > window
         self._covered_end = 0
-        self.bp = 0
 
     def feed(self, piece: bytes) -> Iterator[tuple[int, bytearray]]:
-        self.bp += len(piece)
         if self._to_skip:
             skipped = min(self._to_skip, len(piece))
             piece, self._to_skip = piece[skipped:], self._to_skip - skipped
@@ -110,6 +112,11 @@ class _Progress:
             rate = bp / max(now - self._t0, 1e-9) / 1e6
             sys.stderr.write(f"\r  {bp / 1e6:10.1f} Mbp read  {rate:7.1f} Mbp/s  {num_records:>10,} records")
             sys.stderr.flush()
+
+    def done(self, bp: int, num_records: int) -> None:
+        if self._enabled:
+            self.update(bp, num_records, force=True)
+            sys.stderr.write("\n")
 
     def seconds(self) -> float:
         return time.monotonic() - self._t0
@@ -171,98 +178,129 @@ def prepare(
     options = dict(window=window, stride=stride, max_n=max_n, keep_tail=keep_tail, valid_chroms=list(valid_chroms),
                    test_chroms=list(test_chroms), include=include, exclude=exclude,
                    records_per_shard=records_per_shard)
-    split_of = {**{c: "valid" for c in valid_chroms}, **{c: "test" for c in test_chroms}}
 
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp_dir = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{os.getpid()}")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     os.makedirs(tmp_dir)
-    writers = {s: records.ShardedWriter(tmp_dir, s, records_per_shard) for s in SPLITS}
-    stats = {s: _SplitStats() for s in SPLITS}
-    chromosomes: dict[str, dict] = {}
-    sources = []
+    split_of = {**{c: "valid" for c in valid_chroms}, **{c: "test" for c in test_chroms}}
+    sink = _Sink(tmp_dir, records_per_shard, max_n, lambda c: _split(c, split_of, include_re, exclude_re))
     bar = _Progress(progress)
-    read_bp = 0
-
-    def keep(chrom: str, path: str) -> str | None:
-        """The split of a chromosome, or None when include/exclude drop it; names must be unique."""
-        if chrom in chromosomes:
-            raise UserError(f"{path}: chromosome {chrom!r} appears twice in the input")
-        kept = bool(include_re.fullmatch(chrom)) and not exclude_re.fullmatch(chrom)
-        split = split_of.get(chrom, "train") if kept else None
-        chromosomes[chrom] = dict(bp=0, split=split or "excluded", file=path)
-        return split
-
-    def emit(split: str, chrom: str, start: int, bases: bytes | bytearray) -> None:
-        n = bases.count(b"N") + bases.count(b"n")
-        if n > max_n:
-            stats[split].dropped_windows += 1
-            return
-        stats[split].add(chrom, bases, n)
-        writers[split].write(records.encode_record(chrom, start, bases))
-
+    sources = []
     try:
         for path in fasta_paths:
-            seen = fasta.SequenceStats()
-            chrom, split, windower = None, None, None
-            for name, bases in itertools.chain(fasta.read_fasta(path, seen), [(None, b"")]):
-                if not bases:  # a header, or the end of the file
-                    if windower is not None:
-                        for start, window_bases in windower.finish():
-                            if split is not None:
-                                emit(split, chrom, start, window_bases)
-                        chromosomes[chrom]["bp"] = windower.bp
-                        read_bp += windower.bp
-                    if name is not None:
-                        chrom, split, windower = name, keep(name, path), Windower(window, stride, keep_tail)
-                    continue
-                for start, window_bases in windower.feed(bases):
-                    if split is not None:
-                        emit(split, chrom, start, window_bases)
-                bar.update(read_bp + windower.bp, sum(s.records for s in stats.values()))
-            sources.append(_source(path, "fasta", seen))
+            sources.append(_read_fasta(path, sink, Windower(window, stride, keep_tail), bar))
         for path in csv_paths:
-            seen = fasta.SequenceStats()
-            for chrom, start, bases in fasta.read_csv_bins(path, seen):
-                if chrom not in chromosomes:
-                    keep(chrom, path)
-                chromosomes[chrom]["bp"] += len(bases)
-                read_bp += len(bases)
-                split = None if chromosomes[chrom]["split"] == "excluded" else chromosomes[chrom]["split"]
-                if split is not None:
-                    emit(split, chrom, start, bases)
-            sources.append(_source(path, "csv", seen))
-        bar.update(read_bp, sum(s.records for s in stats.values()), force=True)
-        if progress:
-            sys.stderr.write("\n")
+            sources.append(_read_csv(path, sink))
+        bar.done(sink.bp_read, sink.num_records)
         for flag, names in (("valid_chroms", valid_chroms), ("test_chroms", test_chroms)):
             for chrom in names:
-                if chromosomes.get(chrom, {}).get("split", "excluded") == "excluded":
-                    why = "excluded by --include/--exclude" if chrom in chromosomes else "not in the input"
+                if sink.chromosomes.get(chrom, {}).get("split", "excluded") == "excluded":
+                    why = "excluded by --include/--exclude" if chrom in sink.chromosomes else "not in the input"
                     raise UserError(f"--{flag}: chromosome {chrom!r} is {why}")
-        if not any(s.records for s in stats.values()):
+        if not sink.num_records:
             raise UserError(f"no records: every window of {', '.join(fasta_paths + csv_paths)} was dropped or excluded")
-        for writer in writers.values():
-            writer.close()
+        sink.close()
         manifest = dict(
             format_version=records.FORMAT_VERSION,
             record_layout="uint16 chrom_len | chrom utf-8 | uint64 start | ascii sequence (little-endian)",
             sources=sources,
             options=options,
-            splits={s: stats[s].to_json(writers[s].shards) for s in SPLITS},
-            chromosomes=chromosomes,
+            splits=sink.splits(),
+            chromosomes=sink.chromosomes,
             seconds=round(bar.seconds(), 3),
         )
         with open(os.path.join(tmp_dir, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=1)
         _replace(tmp_dir, out_dir)
     except BaseException:
-        for writer in writers.values():
-            writer.close()
+        sink.close()
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     return manifest
+
+
+def _split(chrom: str, split_of: dict[str, str], include_re: re.Pattern, exclude_re: re.Pattern) -> str | None:
+    """train, valid or test; None when --include/--exclude drop the chromosome."""
+    if include_re.fullmatch(chrom) and not exclude_re.fullmatch(chrom):
+        return split_of.get(chrom, "train")
+    return None
+
+
+class _Sink:
+    """Routes windows to their split's shards, drops those with too many N, and keeps the manifest's counts."""
+
+    def __init__(self, root: str, records_per_shard: int, max_n: int, split_of_chrom):
+        self._writers = {s: records.ShardedWriter(root, s, records_per_shard) for s in SPLITS}
+        self._stats = {s: _SplitStats() for s in SPLITS}
+        self._max_n = max_n
+        self._split_of_chrom = split_of_chrom
+        self.chromosomes: dict[str, dict] = {}
+        self.num_records = 0
+        self.bp_read = 0
+
+    def add_chromosome(self, chrom: str, path: str) -> str | None:
+        """The chromosome's split (None = excluded); a name may appear once in all inputs."""
+        if chrom in self.chromosomes:
+            raise UserError(f"{path}: chromosome {chrom!r} appears twice in the input")
+        split = self._split_of_chrom(chrom)
+        self.chromosomes[chrom] = dict(bp=0, split=split or "excluded", file=path)
+        return split
+
+    def add_bases(self, chrom: str, bp: int) -> None:
+        self.chromosomes[chrom]["bp"] += bp
+        self.bp_read += bp
+
+    def write(self, split: str | None, chrom: str, start: int, bases: bytes | bytearray) -> None:
+        if split is None:
+            return
+        n = bases.count(b"N") + bases.count(b"n")
+        if n > self._max_n:
+            self._stats[split].dropped_windows += 1
+            return
+        self._stats[split].add(chrom, bases, n)
+        self._writers[split].write(records.encode_record(chrom, start, bases))
+        self.num_records += 1
+
+    def splits(self) -> dict:
+        return {s: self._stats[s].to_json(self._writers[s].shards) for s in SPLITS}
+
+    def close(self) -> None:
+        for writer in self._writers.values():
+            writer.close()
+
+
+def _read_fasta(path: str, sink: _Sink, windower: Windower, bar: _Progress) -> dict:
+    """Streams one FASTA file into the sink, chromosome by chromosome; returns its manifest source entry."""
+    seen = fasta.SequenceStats()
+    chrom, split = None, None
+    for name, bases in itertools.chain(fasta.read_fasta(path, seen), [(None, b"")]):
+        if bases:
+            sink.add_bases(chrom, len(bases))
+            for start, window_bases in windower.feed(bases):
+                sink.write(split, chrom, start, window_bases)
+            bar.update(sink.bp_read, sink.num_records)
+            continue
+        if chrom is not None:  # a header or the end of the file closes the previous chromosome
+            for start, window_bases in windower.finish():
+                sink.write(split, chrom, start, window_bases)
+        if name is not None:
+            chrom, split = name, sink.add_chromosome(name, path)
+            windower.reset()
+    return _source(path, "fasta", seen)
+
+
+def _read_csv(path: str, sink: _Sink) -> dict:
+    """Streams one CSV of bins into the sink, one record per row; returns its manifest source entry."""
+    seen = fasta.SequenceStats()
+    split_of = {}
+    for chrom, start, bases in fasta.read_csv_bins(path, seen):
+        if chrom not in split_of:
+            split_of[chrom] = sink.add_chromosome(chrom, path)
+        sink.add_bases(chrom, len(bases))
+        sink.write(split_of[chrom], chrom, start, bases)
+    return _source(path, "csv", seen)
 
 
 def _source(path: str, kind: str, seen: fasta.SequenceStats) -> dict:
