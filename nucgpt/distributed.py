@@ -13,7 +13,7 @@ setting is taken from the first source that has it:
 4. a Cloud TPU VM (libtpu installed and TPU chips attached): plain `jax.distributed.initialize()`,
    which reads the slice's workers from the metadata server.
 
-One process (nothing configured, or a count of 1) initializes nothing. Several processes on CPU
+One process (nothing configured off a TPU VM, or a count of 1) initializes nothing. Several processes on CPU
 exchange data with gloo collectives.
 """
 
@@ -107,7 +107,7 @@ def _slurm_settings(env: Mapping[str, str]) -> dict[str, str | None]:
 
 
 def resolve(env: Mapping[str, str], flag_values: Mapping[str, object]) -> ProcessGroup | None:
-    """The process group from flags, then NUCGPT_* variables, then Slurm; None for one process.
+    """The process group from flags, then NUCGPT_* variables, then Slurm; None when none says.
 
     A TPU VM's group is not resolved here: JAX reads it from the metadata server.
     """
@@ -124,11 +124,14 @@ def resolve(env: Mapping[str, str], flag_values: Mapping[str, object]) -> Proces
     index, address, device_ids = (first(key)[0] for key in ("process_id", "coordinator_address",
                                                              "local_device_ids"))
     num_processes = _integer(count, "num_processes")
-    if num_processes is None or num_processes == 1:
+    if num_processes is None:
         return None
-    process_id = _integer(index, "process_id")
     if num_processes < 1:
         raise UserError(f"num_processes must be positive, got {num_processes}")
+    if num_processes == 1:  # said outright: not even a TPU VM's slice is joined
+        return ProcessGroup(coordinator_address="", num_processes=1, process_id=0, local_device_ids=None,
+                            source=source)
+    process_id = _integer(index, "process_id")
     if process_id is None:
         raise UserError(f"{num_processes} processes configured but no process_id "
                         f"(flag --process_id or {ENV_PREFIX}PROCESS_ID)")
@@ -172,12 +175,12 @@ def initialize() -> tuple[int, int]:
     if jax.distributed.is_initialized():
         return jax.process_index(), jax.process_count()
     group = resolve(os.environ, _flag_values())
-    if group is None:
-        if not on_cloud_tpu_vm():
-            return 0, 1
+    if group is None and on_cloud_tpu_vm():
         jax.distributed.initialize()
         logging.info("distributed: TPU VM process %d of %d", jax.process_index(), jax.process_count())
         return jax.process_index(), jax.process_count()
+    if group is None or group.num_processes == 1:
+        return 0, 1
     # Only the CPU backend reads this; accelerators bring their own collectives.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(

@@ -72,16 +72,44 @@ def test_flags_beat_environment_beat_slurm():
     assert group.local_device_ids == (0, 1)
 
 
-@pytest.mark.parametrize("env", [{}, {"NUCGPT_NUM_PROCESSES": "1"},
+@pytest.fixture
+def clean_env(monkeypatch):
+    """No launcher or Slurm settings leak in from the machine running the tests."""
+    for key in list(os.environ):
+        if key.startswith(("NUCGPT_", "SLURM_")):
+            monkeypatch.delenv(key)
+
+
+@pytest.mark.parametrize("env", [{"NUCGPT_NUM_PROCESSES": "1"},
                                  {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_STEP_NODELIST": "n1"}])
-def test_one_process_needs_no_group(env):
-    assert distributed.resolve(env, {}) is None
+def test_a_count_of_one_needs_no_coordinator(env):
+    assert distributed.resolve(env, {}).num_processes == 1
+
+
+@pytest.mark.parametrize("env, on_tpu", [({}, False), ({"NUCGPT_NUM_PROCESSES": "1"}, False),
+                                         ({"NUCGPT_NUM_PROCESSES": "1"}, True)])
+def test_initialize_one_process_touches_nothing(monkeypatch, clean_env, env, on_tpu):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(jax.distributed, "initialize", pytest.fail)
+    monkeypatch.setattr(distributed, "on_cloud_tpu_vm", lambda: on_tpu)
+    assert distributed.initialize() == (0, 1)
+
+
+def test_initialize_joins_a_tpu_slice_when_nothing_is_configured(monkeypatch, clean_env):
+    calls = []
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(distributed, "on_cloud_tpu_vm", lambda: True)
+    assert distributed.initialize() == (jax.process_index(), jax.process_count())
+    assert calls == [{}]  # JAX's own TPU detection fills in everything
 
 
 @pytest.mark.parametrize(
     "env, message",
     [
         ({"NUCGPT_NUM_PROCESSES": "two"}, "num_processes must be an integer"),
+        ({"NUCGPT_NUM_PROCESSES": "0"}, "num_processes must be positive"),
         ({"NUCGPT_NUM_PROCESSES": "2", "NUCGPT_COORDINATOR_ADDRESS": "h:1"}, "no process_id"),
         ({"NUCGPT_NUM_PROCESSES": "2", "NUCGPT_PROCESS_ID": "2", "NUCGPT_COORDINATOR_ADDRESS": "h:1"},
          r"process_id must be in \[0, 2\)"),
@@ -95,16 +123,7 @@ def test_incomplete_or_bad_settings_are_user_errors(env, message):
         distributed.resolve(env, {})
 
 
-def test_initialize_single_process_touches_nothing(monkeypatch):
-    for key in list(os.environ):
-        if key.startswith(("NUCGPT_", "SLURM_")):
-            monkeypatch.delenv(key)
-    monkeypatch.setattr(jax.distributed, "initialize", pytest.fail)
-    monkeypatch.setattr(distributed, "on_cloud_tpu_vm", lambda: False)
-    assert distributed.initialize() == (0, 1)
-
-
-def test_initialize_passes_the_group_and_keeps_all_local_devices(monkeypatch):
+def test_initialize_passes_the_group_and_keeps_all_local_devices(monkeypatch, clean_env):
     calls = []
     monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
     monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
