@@ -155,7 +155,7 @@ def build_trainer(config: ConfigDict, mesh: Mesh | None = None) -> Trainer:
         grads = jax.tree.map(lambda g: g / weight, grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = dict(stats, grad_norm=optax.global_norm(grads), learning_rate=schedule(state["step"]))
+        metrics = dict(stats, grad_norm=optax.tree.norm(grads), learning_rate=schedule(state["step"]))
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
     def eval_step(state: TrainState, batch):
