@@ -5,9 +5,9 @@
 
 Each run is a fresh `python -m nucgpt.data.prepare` process (start-up, reading, gunzip, windowing,
 ArrayRecord writing, manifest, rename: what a user waits for); Mbp/s = input bases ÷ wall time.
-Peak RSS and CPU seconds are the child's own (`wait4`); Mbp per CPU-second is
-the figure to compare on a shared, loaded machine, where wall time depends on the neighbours. Without --fasta a synthetic genome of
---bp bases is generated once into the temp folder (not timed) and reused.
+Peak RSS and CPU seconds are the child's own (`wait4`); Mbp per CPU-second is the figure to
+compare on a shared, loaded machine, where wall time depends on the neighbours. Without --fasta a
+synthetic genome of --bp bases is generated once into the temp folder (not timed) and reused.
 """
 
 import json

@@ -174,7 +174,8 @@ def test_cli_prepare_inspect_and_clean_error(genome_files, tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT}
     out = tmp_path / "o"
     ok = subprocess.run([sys.executable, "-m", "nucgpt.data.prepare", f"--fasta={genome_files[0]}", f"--out={out}",
-                         "--window=2000", "--test_chroms=chr4", "--noprogress"], env=env, capture_output=True, text=True)
+                         "--window=2000", "--test_chroms=chr4", "--noprogress"],
+                        env=env, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert "lowercase" in ok.stdout and "test" in ok.stdout
     dump = subprocess.run([sys.executable, "-m", "nucgpt.data.inspect", str(out), "--dump=3", "--split=test"],

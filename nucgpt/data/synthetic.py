@@ -116,7 +116,9 @@ def write_genome(path: str | os.PathLike, *, bp: int, seed: int, num_chroms: int
     rng = np.random.default_rng(seed)
     families = _families(rng)
     with open(path, "wb") as raw:
-        out = gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=6, mtime=0) if os.fspath(path).endswith(".gz") else raw
+        # No file name and no time in the gzip header: the same arguments give the same bytes.
+        compress = os.fspath(path).endswith(".gz")
+        out = gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=6, mtime=0) if compress else raw
         for index, size in enumerate(chromosome_sizes(bp, num_chroms)):
             out.write(f">chr{index + 1} synthetic softmasked chromosome\n".encode())
             for start in range(0, size, _BLOCK_BP):
