@@ -209,7 +209,9 @@ class Transformer(nnx.Module):
             attention.resolve_backend(cfg.attention), seq_len, cfg.head_dim,
             cfg.get("splash_block_q", 512), cfg.get("splash_block_kv", 512),
         )
-        x_BxLxD = jnp.take(self.embedding[...], tokens_BxL, axis=0).astype(cfg.compute_dtype)
+        # The lookup reads a whole table (small: vocab ≤ 4098), gathered like every FSDP weight.
+        table_VxD = constrain(self.embedding[...], (None, None))
+        x_BxLxD = jnp.take(table_VxD, tokens_BxL, axis=0).astype(cfg.compute_dtype)
         x_BxLxD = constrain(x_BxLxD, ("batch", "length", "embed"))
         sin_LxK, cos_LxK = rope_tables(seq_len, cfg.head_dim, cfg.rope_base)
         x_BxLxD = self._run_blocks(x_BxLxD, segment_ids_BxL, sin_LxK, cos_LxK)
