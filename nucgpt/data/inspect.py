@@ -12,18 +12,16 @@ import sys
 from typing import Iterator, Sequence
 
 from absl import app, flags
+from array_record.python.array_record_module import ArrayRecordReader
 
 from nucgpt.data import records
-from nucgpt.data.pipeline import read_manifest
 from nucgpt.data.prepare import summary_table
 from nucgpt.errors import UserError, exits_cleanly_on_user_error
 
 
 def iter_records(path: str | os.PathLike, split: str) -> Iterator[tuple[str, int, bytes]]:
     """(chrom, start, sequence) of a split's records in stored order."""
-    from array_record.python.array_record_module import ArrayRecordReader
-
-    manifest = read_manifest(path)
+    manifest = records.read_manifest(path)
     if split not in manifest["splits"]:
         raise UserError(f"{path}: no split {split!r} (splits: {', '.join(manifest['splits'])})")
     for shard in manifest["splits"][split]["shards"]:
@@ -59,7 +57,7 @@ def main(argv: Sequence[str]) -> None:
         raise UserError("usage: python -m nucgpt.data.inspect DIR [--dump N --split S]")
     path = argv[1]
     if FLAGS.dump <= 0:
-        print(describe(read_manifest(path)))
+        print(describe(records.read_manifest(path)))
         return
     for count, (chrom, start, sequence) in enumerate(iter_records(path, FLAGS.split)):
         if count == FLAGS.dump:

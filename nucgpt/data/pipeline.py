@@ -13,15 +13,15 @@ and a restored iterator yields exactly the next batch.
 
 from __future__ import annotations
 
-import json
 import os
 
 import grain
-from absl import flags
 import jax
 import numpy as np
+from absl import flags
 
 from nucgpt.data import records
+from nucgpt.data.records import read_manifest  # re-exported: part of this module's interface
 from nucgpt.errors import UserError
 from nucgpt.tokenizers import PAD_ID, Tokenizer, get_tokenizer
 
@@ -29,19 +29,6 @@ BATCH_KEYS = ("inputs", "targets", "target_repeat", "target_valid", "segment_ids
 _COMPLEMENT_U8 = np.arange(256, dtype=np.uint8)
 for _a, _b in (b"AT", b"CG", b"at", b"cg"):
     _COMPLEMENT_U8[_a], _COMPLEMENT_U8[_b] = _b, _a
-
-
-def read_manifest(path: str | os.PathLike) -> dict:
-    """The manifest of a prepared dataset folder; UserError when `path` is not one."""
-    file = os.path.join(os.fspath(path), "manifest.json")
-    if not os.path.isfile(file):
-        raise UserError(f"{path}: no manifest.json (not a prepared dataset; create one with nucgpt-prepare)")
-    with open(file) as f:
-        manifest = json.load(f)
-    if manifest.get("format_version") != records.FORMAT_VERSION:
-        raise UserError(f"{file}: format_version {manifest.get('format_version')!r}, this nucgpt reads "
-                        f"{records.FORMAT_VERSION}; prepare the dataset again")
-    return manifest
 
 
 def reverse_complement(seq_u8: np.ndarray) -> np.ndarray:

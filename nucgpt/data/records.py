@@ -1,4 +1,5 @@
-"""The on-disk record: one genomic window, softmasked text with case preserved, plus where it came from.
+"""The on-disk format: one record per genomic window (softmasked text, case kept, plus where it came
+from), ArrayRecord shards, and the manifest that lists them.
 
 Record layout (format_version 1), all integers little-endian:
 
@@ -13,11 +14,14 @@ access for a global shuffle) and zstd level 1.
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
+
+from nucgpt.errors import UserError
 
 FORMAT_VERSION = 1
 WRITER_OPTIONS = "group_size:1,zstd:1"
@@ -39,6 +43,19 @@ def decode_record(record: bytes) -> tuple[str, int, bytes]:
 def sequence_u8(record: bytes) -> np.ndarray:
     """The sequence of a record as a uint8 view, without copying (the loader's fast path)."""
     return np.frombuffer(record, np.uint8, offset=2 + int.from_bytes(record[:2], "little") + 8)
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The manifest of a prepared dataset folder; UserError when `path` is not one."""
+    file = os.path.join(os.fspath(path), "manifest.json")
+    if not os.path.isfile(file):
+        raise UserError(f"{path}: no manifest.json (not a prepared dataset; create one with nucgpt-prepare)")
+    with open(file) as f:
+        manifest = json.load(f)
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{file}: format_version {manifest.get('format_version')!r}, this nucgpt reads "
+                        f"{FORMAT_VERSION}; prepare the dataset again")
+    return manifest
 
 
 class ShardedWriter:
