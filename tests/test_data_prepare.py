@@ -93,6 +93,19 @@ def test_n_filter_tail_and_stride(tmp_path):
     assert [s for _, s, _ in all_records(tmp_path / "c")["train"]] == [0, 6, 12, 18]  # chr1 is 26 bp
     assert_round_trip(tmp_path / "c", reference_fasta(fasta), 8)
 
+    prepare([fasta], tmp_path / "d", window=5, stride=11, max_n=8, progress=False)
+    assert [s for _, s, _ in all_records(tmp_path / "d")["train"]] == [0, 11]
+    assert_round_trip(tmp_path / "d", reference_fasta(fasta), 5)
+
+
+def test_multi_member_gzip_like_bgzip(genome_files, tmp_path):
+    text = genome_files[1].read_bytes()
+    cut = len(text) // 3 + 7  # members split mid-line, as bgzip does
+    (tmp_path / "multi.fa.gz").write_bytes(gzip.compress(text[:cut]) + gzip.compress(text[cut:]))
+    prepare([tmp_path / "multi.fa.gz"], tmp_path / "multi", window=3000, progress=False)
+    prepare([genome_files[1]], tmp_path / "plain", window=3000, progress=False)
+    assert all_records(tmp_path / "multi") == all_records(tmp_path / "plain")
+
 
 def test_include_exclude_default_drops_alt_random_un_and_chrM(tmp_path):
     fasta = tmp_path / "t.fa"
