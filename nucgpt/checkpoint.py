@@ -79,12 +79,13 @@ def config_to_json(config: ConfigDict) -> dict:
 
 def config_from_json(data: Mapping) -> ConfigDict:
     """The inverse of `config_to_json`; the axis-rule table comes back as tuples, as presets write it."""
-    config = ConfigDict(dict(data))
-    if "mesh" in config and "logical_axis_rules" in config.mesh:
-        config.mesh.logical_axis_rules = tuple(
-            (name, tuple(target) if isinstance(target, list) else target) for name, target in config.mesh.logical_axis_rules
+    data = json.loads(json.dumps(data))
+    mesh = data.get("mesh", {})
+    if "logical_axis_rules" in mesh:
+        mesh["logical_axis_rules"] = tuple(
+            (name, tuple(target) if isinstance(target, list) else target) for name, target in mesh["logical_axis_rules"]
         )
-    return config
+    return ConfigDict(data)
 
 
 def save_config(workdir: str, config: ConfigDict) -> None:

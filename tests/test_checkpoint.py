@@ -1,0 +1,103 @@
+"""Checkpoints restore onto another mesh and device count, skip a corrupt latest step, feed fine-tuning."""
+import os
+import pathlib
+import shutil
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from nucgpt import sharding
+from nucgpt.checkpoint import Checkpoints, load_pretrained
+from nucgpt.step import build_trainer
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "configs"))
+import pretrain  # noqa: E402
+
+
+class CountingIterator:
+    """Stands in for the Grain iterator: its state is a position."""
+
+    def __init__(self, position=0):
+        self.position = position
+
+    def get_state(self):
+        return {"position": self.position}
+
+    def set_state(self, state):
+        self.position = state["position"]
+
+
+def tiny_config():
+    c = pretrain.get_config("demo")
+    c.model.update(d_model=32, num_layers=2, num_heads=4, num_kv_heads=4, head_dim=8, mlp_dim=64, attention="xla")
+    c.train.update(seq_len=16, global_batch_size=8)
+    return c
+
+
+def _values(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Steps 1 and 2 saved from an fsdp=8 mesh (the state's step number is set by hand)."""
+    workdir = tmp_path_factory.mktemp("ckpt")
+    config = tiny_config()
+    trainer = build_trainer(config)
+    state = trainer.init_state()
+    checkpoints = Checkpoints(str(workdir), keep=3)
+    for step in (1, 2):
+        state = dict(state, step=jax.device_put(np.int32(step), trainer.state_shardings["step"]))
+        checkpoints.save(state, CountingIterator(position=10 * step), config)
+    checkpoints.close()
+    return workdir, config, state
+
+
+def test_restores_onto_another_mesh_and_device_count(saved):
+    workdir, config, state = saved
+    config = config.copy_and_resolve_references()
+    config.mesh.update(ici_data_parallelism=2, ici_fsdp_parallelism=1, ici_tensor_parallelism=2)
+    mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:4])
+    trainer = build_trainer(config, mesh)
+    iterator = CountingIterator()
+    checkpoints = Checkpoints(str(workdir), keep=3)
+    restored = checkpoints.restore_latest(trainer.abstract_state, iterator)
+    checkpoints.close()
+    assert int(restored["step"]) == 2 and iterator.position == 20
+    wq = restored["params"]["blocks"]["wq"]
+    assert wq.sharding.mesh.shape == {"data": 2, "fsdp": 1, "tensor": 2} and len(wq.sharding.device_set) == 4
+    for a, b in zip(_values(restored["params"]) + _values(restored["opt_state"]), _values(state["params"]) + _values(state["opt_state"])):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_corrupt_latest_falls_back_to_previous(saved, tmp_path, capsys):
+    source, config, _ = saved
+    workdir = tmp_path / "copy"
+    shutil.copytree(source, workdir)
+    params_dir = workdir / "checkpoints" / "2" / "params"
+    for root, _, files in os.walk(params_dir):  # truncate every data file of step 2's params
+        for name in files:
+            if name not in ("_METADATA", "_sharding", "commit_success.txt"):
+                (pathlib.Path(root) / name).write_bytes(b"")
+    shutil.rmtree(params_dir / "d", ignore_errors=True)
+    trainer = build_trainer(config)
+    iterator = CountingIterator()
+    checkpoints = Checkpoints(str(workdir), keep=3)
+    restored = checkpoints.restore_latest(trainer.abstract_state, iterator)
+    checkpoints.close()
+    out = capsys.readouterr().out
+    assert "checkpoint step 2" in out and "corrupt or partial" in out and "falling back to step 1" in out
+    assert int(restored["step"]) == 1 and iterator.position == 10
+
+
+def test_load_pretrained_reads_config_and_params(saved):
+    workdir, config, state = saved
+    pretrained_config, params = load_pretrained(str(workdir))
+    assert pretrained_config.model.d_model == 32 and pretrained_config.data.tokenizer == "nucleotide"
+    assert pretrained_config.mesh.logical_axis_rules == config.mesh.logical_axis_rules
+    for a, b in zip(_values(params), _values(state["params"])):
+        np.testing.assert_array_equal(a, b)
+    _, step1 = load_pretrained(str(workdir / "checkpoints" / "1"))
+    assert jax.tree.structure(step1) == jax.tree.structure(params)
