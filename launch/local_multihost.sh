@@ -10,7 +10,8 @@
 # DEVICES_PER_PROCESS virtual CPU devices. Output lines are prefixed with the process index.
 # If one process fails, the others get SIGTERM (SIGKILL after KILL_AFTER_S seconds) and the script
 # exits with the failed process's status. SIGINT/SIGTERM are forwarded to every process as SIGTERM
-# (the trainer saves a checkpoint and exits 0); a second one sends SIGKILL.
+# (the trainer saves a checkpoint and exits 0); a second one sends SIGKILL. SIGKILL itself cannot be
+# forwarded: to kill -9 a whole run, signal the launcher's process group (`kill -9 -- -PGID`).
 #
 # Environment: DEVICES_PER_PROCESS (default 1), COORDINATOR_PORT (default: a free port),
 # KILL_AFTER_S (default 10), PYTHON (used to find a free port; default python3).
@@ -42,13 +43,6 @@ xla_flags="$(sed -E 's/--xla_force_host_platform_device_count=[0-9]+//g' <<<"${X
 xla_flags="${xla_flags} --xla_force_host_platform_device_count=${devices_per_process}"
 
 pids=()
-for ((i = 0; i < num_processes; i++)); do
-  NUCGPT_COORDINATOR_ADDRESS="127.0.0.1:${port}" NUCGPT_NUM_PROCESSES="$num_processes" \
-    NUCGPT_PROCESS_ID="$i" JAX_PLATFORMS=cpu XLA_FLAGS="${xla_flags# }" \
-    "$@" < /dev/null > >(sed -u "s/^/[$i] /") 2>&1 &
-  pids+=($!)
-done
-
 running() {
   local pid
   for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && return 0; done
@@ -72,6 +66,13 @@ on_signal() {
   fi
 }
 trap on_signal INT TERM
+
+for ((i = 0; i < num_processes; i++)); do
+  NUCGPT_COORDINATOR_ADDRESS="127.0.0.1:${port}" NUCGPT_NUM_PROCESSES="$num_processes" \
+    NUCGPT_PROCESS_ID="$i" JAX_PLATFORMS=cpu XLA_FLAGS="${xla_flags# }" \
+    "$@" < /dev/null > >(sed -u "s/^/[$i] /") 2>&1 &
+  pids+=($!)
+done
 
 # Poll rather than `wait -n`: it works on every bash and a trap runs within one interval.
 status=0
