@@ -52,6 +52,8 @@ while [ $# -gt 0 ]; do
 done
 
 [ -n "$name" ] || die "--name is required (the TPU VM slice's name)"
+[[ $name =~ ^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$ ]] ||
+  die "--name must be lowercase letters, digits and hyphens, starting with a letter; got '$name'"
 [ -n "$zone" ] || die "--zone is required (e.g. us-east5-a)"
 [ $((create + run + logs + stop + delete)) -gt 0 ] ||
   die "nothing to do: give at least one of --create --run --stop --logs --delete"

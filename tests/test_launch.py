@@ -135,6 +135,7 @@ def test_tpu_pod_dry_run_prints_every_step_in_order():
 @pytest.mark.parametrize("args, message", [
     (["--zone", "z", "--create", "--type", "v4-8"], "--name is required"),
     (["--name", "n", "--create", "--type", "v4-8"], "--zone is required"),
+    (["--name", "My_TPU", "--zone", "z", "--delete"], "--name must be lowercase"),
     (["--name", "n", "--zone", "z"], "nothing to do"),
     (["--name", "n", "--zone", "z", "--create"], "--create needs --type"),
     (["--name", "n", "--zone", "z", "--create", "--type", "v9x-8"], "no default runtime"),
