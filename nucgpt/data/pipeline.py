@@ -2,7 +2,7 @@
 
     MapDataset(ArrayRecord shards) ▸ shuffle (reseeded every epoch) ▸ repeat      (train)
                                    ▸ pad to whole global batches                  (eval: one pass)
-        ▸ reverse-complement (optional) ▸ tokenize ▸ crop/pad to seq_len ▸ batch(local)
+        ▸ reverse-complement (optional, train only) ▸ tokenize ▸ crop/pad to seq_len ▸ batch(local)
         ▸ take every process_count-th batch from process_index
 
 Element k of the global order is row k % B of global batch k // B, and process p reads the rows
@@ -111,7 +111,8 @@ def make_lm_iterator(
     else:
         padded = -(-len(source) // global_batch_size) * global_batch_size
         ds = grain.MapDataset.source(_PaddedToBatches(source, padded))
-    ds = ds.random_map(LmExample(tokenizer, seq_len, data_cfg.reverse_complement_prob), seed=seed)
+    augment_prob = data_cfg.reverse_complement_prob if train else 0.0  # eval sees the genome as stored
+    ds = ds.random_map(LmExample(tokenizer, seq_len, augment_prob), seed=seed)
     ds = ds.batch(local_batch_size)[process_index::process_count]
     iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=max(data_cfg.prefetch, 0)))
     if data_cfg.num_workers > 0:
