@@ -46,10 +46,10 @@ def demo(c: ConfigDict) -> None:
     """The pretraining demo's model with a classifier: fine-tunes on a 2-core CPU in a few minutes."""
     pretrain.demo(c)
     c.data.update(path="", synthetic_bp=0)
-    c.classify.synthetic_examples = 2000
-    c.train.update(steps=300, global_batch_size=32, seq_len=256, log_every=25, eval_every=100, eval_steps=0)
+    c.classify.synthetic_examples = 1000
+    c.train.update(steps=150, global_batch_size=16, seq_len=256, log_every=25, eval_every=75, eval_steps=0)
     c.optim.update(learning_rate=1e-3, warmup_steps=30, final_learning_rate=1e-5, weight_decay=0.01)
-    c.checkpoint.update(every=100, keep=2)
+    c.checkpoint.update(every=75, keep=2)
 
 
 def cnn_demo(c: ConfigDict) -> None:

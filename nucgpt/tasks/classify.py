@@ -30,7 +30,7 @@ PRETRAINED_MODEL_FIELDS = (
     "mlp_activation", "norm_placement", "norm_eps", "rope_base", "tie_embeddings", "scan_layers",
 )
 PRETRAINED_DATA_FIELDS = ("tokenizer", "kmer_pad_multiple")
-SYNTHETIC_MOTIF = "TATAAT"
+SYNTHETIC_GC = (0.4, 0.6)  # GC fraction of class 0 and class 1 in the generated demo task
 CONFUSION_PREFIX = "confusion_true"
 
 
@@ -59,18 +59,14 @@ def buckets(config: ConfigDict) -> tuple[int, ...]:
 
 
 def write_synthetic_table(path: str, num_examples: int, seed: int) -> None:
-    """A seeded two-class motif task of 100–250 bp (class 1 carries TATAAT), for the demo and tests."""
+    """A seeded two-class task of 60–120 bp: class 0 is 40% GC, class 1 60% GC (for the demo)."""
     rng = np.random.default_rng(seed)
     rows = ["sequence\tlabel"]
     for i in range(num_examples):
         label = i % 2
-        while True:
-            sequence = "".join(rng.choice(list("ACGT"), size=int(rng.integers(100, 251))))
-            if SYNTHETIC_MOTIF not in sequence:
-                break
-        if label:
-            at = int(rng.integers(0, len(sequence) - len(SYNTHETIC_MOTIF)))
-            sequence = sequence[:at] + SYNTHETIC_MOTIF + sequence[at + len(SYNTHETIC_MOTIF):]
+        gc = SYNTHETIC_GC[label]
+        probabilities = [(1 - gc) / 2, gc / 2, gc / 2, (1 - gc) / 2]  # A C G T
+        sequence = "".join(rng.choice(list("ACGT"), size=int(rng.integers(60, 121)), p=probabilities))
         rows.append(f"{sequence}\t{label}")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp"
