@@ -121,3 +121,33 @@ def test_summarize_writes_results_json(tmp_path, tsv_table):
     assert results["num_test"] == 24 and results["split_seed"] == 0
     assert results["accuracy"] == pytest.approx(19 / 24)
     assert {"mcc", "f1_macro", "f1_weighted"} <= results.keys()
+
+
+def test_a_resumed_fine_tune_continues_exactly(tmp_path, tsv_table):
+    from nucgpt.checkpoint import Checkpoints
+
+    config = small_config(tsv_table, steps=6)
+    TASK.validate(config)
+    trainer = step.build_trainer(config)
+
+    def run_steps(state, iterator, n):
+        losses = []
+        for _ in range(n):
+            state, metrics = trainer.train_step(state, trainer.global_batch(next(iterator)))
+            losses.append(float(metrics["ce"]))
+        return state, losses
+
+    iterator = TASK.train_iterator(config, 0, 1)
+    state, _ = run_steps(trainer.init_state(), iterator, 3)
+    checkpoints = Checkpoints(str(tmp_path), keep=1, async_save=False)
+    checkpoints.save(state, iterator, config)
+    checkpoints.close()
+    _, straight = run_steps(state, iterator, 3)
+
+    resumed_iterator = TASK.train_iterator(config, 0, 1)
+    checkpoints = Checkpoints(str(tmp_path), keep=1, async_save=False)
+    restored = checkpoints.restore_latest(trainer.abstract_state, resumed_iterator)
+    checkpoints.close()
+    assert int(restored["step"]) == 3 and resumed_iterator.get_state() == {"epoch": 0, "position": 3}
+    _, resumed = run_steps(restored, resumed_iterator, 3)
+    np.testing.assert_allclose(resumed, straight, rtol=1e-6)
