@@ -52,6 +52,7 @@ flags.DEFINE_list("sweep_batch_sizes", [], "global batch sizes to sweep (default
 flags.DEFINE_list("sweep_remat", [], "remat policies to sweep (default: the config's)")
 flags.DEFINE_list("sweep_attention", [], "attention backends to sweep (default: the config's)")
 flags.DEFINE_bool("dry_run", False, "compile for abstract inputs only: memory and HLO statistics")
+flags.DEFINE_string("topology", "", "with --dry_run: compile for this TPU topology offline, e.g. v5e:2x2 (needs libtpu)")
 FLAGS = flags.FLAGS
 
 EXIT_OUT_OF_MEMORY = 3
@@ -135,6 +136,7 @@ def hlo_statistics(compiled) -> dict[str, int]:
         "while_loops": len(re.findall(r" while\(", text)),
         "custom_calls": len(re.findall(r" custom-call\(", text)),
         "cudnn_attention_calls": len(re.findall(r'custom_call_target="__cudnn\$fmha', text)),
+        "pallas_tpu_kernels": len(re.findall(r'custom_call_target="tpu_custom_call"', text)),
         "all_gathers": len(re.findall(r" all-gather(?:-start)?\(", text)),
         "reduce_scatters": len(re.findall(r" reduce-scatter\(", text)),
         "all_reduces": len(re.findall(r" all-reduce(?:-start)?\(", text)),
@@ -167,9 +169,9 @@ def common_fields(config: ConfigDict) -> dict[str, Any]:
     )
 
 
-def build_trainer(config: ConfigDict) -> step.Trainer:
+def build_trainer(config: ConfigDict, devices: list | None = None) -> step.Trainer:
     """The training run's trainer, after the checks `nucgpt.train` makes (data fields aside: no data is read)."""
-    mesh = sharding.make_mesh(config.mesh)
+    mesh = sharding.make_mesh(config.mesh, devices)
     config_checks.validate(config, mesh_shape(mesh), jax.process_count())
     return step.build_trainer(config, mesh)
 
@@ -215,25 +217,35 @@ def measure(config: ConfigDict, steps: int, warmup: int) -> dict[str, Any]:
 
 
 def dry_run(config: ConfigDict) -> dict[str, Any]:
-    """Compiles the step for abstract state and batch: what it would need, without allocating it."""
-    trainer = build_trainer(config)
+    """Compiles the step for abstract state and batch: what it would need, without allocating it.
+
+    With `--topology`, for TPU devices that need not exist (JAX's ahead-of-time topologies).
+    """
+    devices = None
+    if FLAGS.topology:
+        from jax.experimental import topologies
+
+        devices = topologies.get_topology_desc(topology_name=FLAGS.topology, platform="tpu").devices
+    trainer = build_trainer(config, devices)
+    device = trainer.mesh.devices.flat[0]
     compile_start = time.perf_counter()
     compiled = trainer.train_step.lower(trainer.abstract_state, trainer.abstract_batch()).compile()
     tokens = config.train.global_batch_size * config.train.seq_len
     return dict(
         dry_run=True,
-        device_kind=jax.devices()[0].device_kind,
-        num_devices=jax.device_count(),
+        device_kind=device.device_kind,
+        num_devices=trainer.mesh.size,
         mesh=mesh_shape(trainer.mesh),
         global_batch=config.train.global_batch_size,
         seq_len=config.train.seq_len,
         params=flops.count_params(trainer.abstract_state["params"]),
         compile_time_s=time.perf_counter() - compile_start,
         flops_per_token=flops.train_flops_per_token(config.model, config.train.seq_len),
-        xla_flops_per_token=(lambda f: f * jax.device_count() / tokens if f else None)(xla_flops_per_step(compiled)),
+        xla_flops_per_token=(lambda f: f * trainer.mesh.size / tokens if f else None)(xla_flops_per_step(compiled)),
         compiled_memory=memory_analysis(compiled),
         hlo=hlo_statistics(compiled),
-        **common_fields(config),
+        **common_fields(config) | {"backend": device.platform},
+        topology=FLAGS.topology or None,
     )
 
 
