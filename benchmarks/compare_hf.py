@@ -82,7 +82,8 @@ def main(argv):
     torch.manual_seed(train_cfg.seed)
     torch.backends.cuda.matmul.allow_tf32 = True
 
-    model = build_llama(model_cfg, seq_len).to(device).train()
+    with device:  # initialise on the device: 0.5B parameters initialise slowly on the host
+        model = build_llama(model_cfg, seq_len).train()
     params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=optim_cfg.learning_rate, betas=(optim_cfg.b1, optim_cfg.b2),

@@ -15,9 +15,12 @@ measured apart), warmed up, then each step is timed to completion. MFU = model F
 Output: benchmarks.report's table, then one JSON line (appended to `--json_out` too). A variant
 that runs out of device memory prints a JSON line with `"error": "out_of_memory"` and, outside a
 sweep, exits 3. `--sweep` tries batch sizes × remat policies × attention backends (a larger batch
-is skipped once a smaller one ran out of memory) and reports the fastest that fit.
+is skipped once a smaller one ran out of memory) and reports the fastest that fit; its
+`peak_memory_bytes` is the process's running maximum (the runtime has no reset), so run one
+variant per process (as benchmarks/gpu_check.sh does) for per-variant peaks.
 `--dry_run` compiles for abstract inputs only (nothing allocated): per-device memory and HLO
-statistics, e.g. for the 500M step on a CPU.
+statistics, e.g. for the 500M step on a CPU; with `--topology v5p:2x2x1` (libtpu installed, no TPU
+needed) it compiles for that TPU slice.
 
 `CANDIDATE_REMAT_POLICIES` are extra `model.remat_policy` values under trial (registered into the
 model's table at start, never replacing one of its own); see benchmarks/NOTES.md.
