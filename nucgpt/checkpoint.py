@@ -178,6 +178,11 @@ def _resolve_step_dir(init_from: str) -> epath.Path:
     return directory / str(steps[-1])
 
 
+def load_pretrained_config(init_from: str) -> ConfigDict:
+    """The config saved in the checkpoint `init_from` names (a workdir or a step folder); no arrays read."""
+    return config_from_json(json.loads((_resolve_step_dir(init_from) / "config" / "metadata").read_text()))
+
+
 def load_pretrained(init_from: str, abstract_params: Any = None) -> tuple[ConfigDict, Any]:
     """(the pretraining config, its params) from a workdir or a checkpoint step folder.
 
@@ -185,7 +190,7 @@ def load_pretrained(init_from: str, abstract_params: Any = None) -> tuple[Config
     into those shards (do this on multi-device runs); without, as single-device arrays.
     """
     step_dir = _resolve_step_dir(init_from)
-    config = config_from_json(json.loads((step_dir / "config" / "metadata").read_text()))
+    config = load_pretrained_config(str(step_dir))
     checkpointer = ocp.StandardCheckpointer()
     params = checkpointer.restore(step_dir / "params", abstract_params) if abstract_params is not None else checkpointer.restore(step_dir / "params")
     return config, params

@@ -208,9 +208,10 @@ def train(config: ConfigDict, workdir: str, mesh, task: Task) -> int:
     process_index, process_count = jax.process_index(), jax.process_count()
     if process_index == 0:
         task.prepare_data(config)
-        save_config(workdir, config)
     _barrier("nucgpt-prepared")
     task.validate(config)
+    if process_index == 0:
+        save_config(workdir, config)
     trainer = build_trainer(config, mesh)
     checkpoints = Checkpoints(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     train_iterator = task.train_iterator(config, process_index, process_count)
