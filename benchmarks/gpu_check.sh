@@ -109,8 +109,15 @@ def rel(a, b):
 (_, out_x), grads_x = jax.jit(jax.value_and_grad(lambda *a: loss("xla", *a), argnums=(0, 1, 2), has_aux=True))(q, k, v)
 errors = [rel(out_c, out_x)] + [rel(a, b) for a, b in zip(grads_c, grads_x)]
 verdict = "OK" if max(errors) < 2e-2 else "MISMATCH"
+
+from jax._src.ad_checkpoint import saved_residuals
+from benchmarks import mfu
+
+policy = mfu.CANDIDATE_REMAT_POLICIES["save_matmuls_cudnn"]
+kept = saved_residuals(jax.checkpoint(lambda *a: loss("cudnn", *a)[0], policy=policy), q, k, v)
+keeps = any("dot_product_attention_fwd" in str(source) for _, source in kept)
 print(f"attention cudnn vs xla {shape} bf16 causal: rel err out {errors[0]:.1e}, dq/dk/dv "
-      + "/".join(f"{e:.1e}" for e in errors[1:]) + f": {verdict}")
+      + "/".join(f"{e:.1e}" for e in errors[1:]) + f": {verdict}; save_matmuls_cudnn keeps cuDNN residuals: {keeps}")
 EOF
 cat "$WORK/attention.txt" >>"$LOG"
 ATTENTION_LINE=$(tail -1 "$WORK/attention.txt")
