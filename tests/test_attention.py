@@ -51,17 +51,18 @@ def test_short_sequences_shrink_the_splash_block():
 def test_xla_grouped_query_matches_repeated_kv_heads():
     """GQA convention: query head h reads kv head h // group, as HF `repeat_kv` lays them out."""
     q, k, v = qkv(length=32, heads=4, kv_heads=2)
-    grouped = attention.attend(q, k, v, None, backend="xla")
-    repeated = attention.attend(q, jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2), None, backend="xla")
-    np.testing.assert_allclose(grouped, repeated, rtol=1e-6, atol=1e-6)
+    xla = jax.jit(lambda q, k, v: attention.attend(q, k, v, None, backend="xla"))
+    repeated = xla(q, jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2))
+    np.testing.assert_allclose(xla(q, k, v), repeated, rtol=1e-6, atol=1e-6)
 
 
 def test_xla_is_causal_and_respects_segments():
     q, k, v = qkv(batch=1, length=16, heads=2, kv_heads=2)
     segment_ids = jnp.array([[1] * 8 + [2] * 8])
-    out = attention.attend(q, k, v, segment_ids, backend="xla")
-    future_changed = attention.attend(q, k.at[:, 12:].add(1.0), v.at[:, 12:].add(1.0), segment_ids, backend="xla")
-    other_segment_changed = attention.attend(q, k.at[:, :8].add(1.0), v.at[:, :8].add(1.0), segment_ids, backend="xla")
+    xla = jax.jit(lambda k, v: attention.attend(q, k, v, segment_ids, backend="xla"))
+    out = xla(k, v)
+    future_changed = xla(k.at[:, 12:].add(1.0), v.at[:, 12:].add(1.0))
+    other_segment_changed = xla(k.at[:, :8].add(1.0), v.at[:, :8].add(1.0))
     np.testing.assert_array_equal(out[:, :12], future_changed[:, :12])
     np.testing.assert_array_equal(out[:, 8:], other_segment_changed[:, 8:])
     assert not np.allclose(out[:, 12:], future_changed[:, 12:])

@@ -123,7 +123,7 @@ def test_unrolled_with_full_remat_matches_scanned():
     assert max_relative_error(grads_u, nnx.to_pure_dict(grads)) < 1e-5
 
 
-@pytest.mark.parametrize("policy", ["full", "save_projections"])
+@pytest.mark.parametrize("policy", ["full", "save_matmuls"])
 def test_remat_policies_keep_loss_and_grads(policy):
     _, _, loss, grads = reference()
     remat = Transformer(tiny_cfg(remat_policy=policy), rngs=nnx.Rngs(0))

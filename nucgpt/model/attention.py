@@ -23,6 +23,7 @@ from nucgpt.errors import UserError
 
 BACKENDS = ("auto", "xla", "cudnn", "splash")
 SPLASH_LANES = 128  # splash block sizes must be multiples of the TPU lane width
+RESIDUALS_NAME = "attention_residuals"  # checkpoint name of splash's forward output and statistics
 _MASKED = -1e30
 
 
@@ -119,6 +120,7 @@ def _splash_kernel(num_heads: int, seq_len: int, block_q: int, block_kv: int):
         block_sizes=block_sizes,
         head_shards=1,
         q_seq_shards=1,
+        residual_checkpoint_name=RESIDUALS_NAME,
         interpret=jax.default_backend() != "tpu",
     )
 

@@ -23,7 +23,16 @@ from nucgpt.model import attention
 from nucgpt.sharding import constrain
 
 # Named tensors in a block; policies below save some of them instead of recomputing them.
+# "attention_residuals" are a flash kernel's own forward outputs (output and softmax statistics):
+# splash names them; cuDNN's live inside `jax.nn.dot_product_attention`, matched by primitive.
 _SAVE = jax.checkpoint_policies.save_only_these_names
+_MATMULS = ("query", "key", "value", "attention_proj", "mlp_hidden", "mlp_out")
+
+
+def _saves_cudnn_attention(prim, *_, **__) -> bool:
+    return prim.name == "dot_product_attention_fwd_wrapper"
+
+
 REMAT_POLICIES: dict[str, Callable | None] = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -31,8 +40,11 @@ REMAT_POLICIES: dict[str, Callable | None] = {
     "save_attention_out": _SAVE("attention_out"),
     "save_qkv_attention_out": _SAVE("query", "key", "value", "attention_out"),
     "save_projections": _SAVE("query", "key", "value", "attention_out", "attention_proj", "mlp_out"),
-    "save_projections_and_mlp": _SAVE(
-        "query", "key", "value", "attention_out", "attention_proj", "mlp_hidden", "mlp_out"
+    "save_projections_and_mlp": _SAVE(*_MATMULS, "attention_out"),
+    # Every matmul output plus the flash kernel's residuals: the backward reruns no matmul and no
+    # attention forward, only elementwise work.
+    "save_matmuls": jax.checkpoint_policies.save_from_both_policies(
+        _SAVE(*_MATMULS, attention.RESIDUALS_NAME), _saves_cudnn_attention
     ),
 }
 MLP_ACTIVATIONS = ("gelu", "swiglu")
@@ -76,11 +88,21 @@ def _param(
     return nnx.Param(value, logical_axes=logical_axes)
 
 
+# Elementwise functions are rematerialised on their own: their float32 intermediates (4 per norm,
+# 5 for GeLU-tanh) would otherwise stay alive for the backward pass, several times the size of
+# their compute-dtype input, while recomputing them costs one fused elementwise pass.
+@functools.partial(jax.checkpoint, static_argnums=(2,))
 def rms_norm(x_BxLxD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
     """RMSNorm in float32, returned in the input dtype."""
     x = x_BxLxD.astype(jnp.float32)
     x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
     return (x * scale_D.astype(jnp.float32)).astype(x_BxLxD.dtype)
+
+
+@jax.checkpoint
+def _gelu(x: jax.Array) -> jax.Array:
+    """GeLU with the tanh approximation, as the original JAX model (`jax.nn.gelu`'s default)."""
+    return jax.nn.gelu(x, approximate=True)
 
 
 def rope_tables(seq_len: int, head_dim: int, base: float) -> tuple[jax.Array, jax.Array]:
@@ -154,7 +176,7 @@ class Block(nnx.Module):
             gate_BxLxF = jnp.einsum("BLD,DF->BLF", x_BxLxD, self._weight(self.w_gate))
             hidden_BxLxF = jax.nn.silu(checkpoint_name(gate_BxLxF, "mlp_hidden")) * up_BxLxF
         else:
-            hidden_BxLxF = jax.nn.gelu(up_BxLxF)  # tanh approximation, as the original JAX model
+            hidden_BxLxF = _gelu(up_BxLxF)
         hidden_BxLxF = constrain(hidden_BxLxF, ("batch", "length", "mlp"))
         return checkpoint_name(jnp.einsum("BLF,FD->BLD", hidden_BxLxF, self._weight(self.w_down)), "mlp_out")
 
