@@ -33,7 +33,7 @@ Rules = Sequence[tuple[str, Any]]
 _active_rules: tuple[tuple[str, Any], ...] | None = None
 
 
-def _fill_group(values: Sequence[int], total: int, prefix: str) -> tuple[int, ...]:
+def _fill_group(values: Sequence[int], total: int, prefix: str, unit: str) -> tuple[int, ...]:
     """Replaces the one allowed -1 so the group's product is `total`."""
     named = ", ".join(f"{prefix}_{a}_parallelism={v}" for a, v in zip(AXES, values))
     if any(v == 0 or v < -1 for v in values):
@@ -43,31 +43,36 @@ def _fill_group(values: Sequence[int], total: int, prefix: str) -> tuple[int, ..
     known = math.prod(v for v in values if v != -1)
     if -1 in values:
         if total % known:
-            raise UserError(f"mesh: {named} cannot fill {total} devices ({total} is not a multiple of {known})")
+            raise UserError(f"mesh: {named} cannot fill {total} {unit} ({total} is not a multiple of {known})")
         return tuple(total // known if v == -1 else v for v in values)
     if known != total:
-        raise UserError(f"mesh: {named} multiply to {known}, but there are {total} devices")
+        raise UserError(f"mesh: {named} multiply to {known}, but there are {total} {unit}")
     return tuple(values)
 
 
-def _num_granules(devices: Sequence[jax.Device]) -> tuple[int, bool]:
-    """Slices on multi-slice TPU, else processes; returns (count, process_is_granule)."""
-    slice_indices = {getattr(d, "slice_index", None) for d in devices}
-    if None not in slice_indices and len(slice_indices) > 1:
-        return len(slice_indices), False
+def _num_granules(devices: Sequence[jax.Device], dcn: Sequence[int]) -> tuple[int, bool]:
+    """How many DCN-connected groups: (count, process_is_granule).
+
+    TPU: the slices (one multi-host slice is one ICI domain). Elsewhere: the processes (hosts), unless
+    every dcn_* is 1, which asks for one domain across processes (e.g. one process per GPU of a node).
+    """
+    if devices[0].platform == "tpu":
+        return len({getattr(d, "slice_index", 0) for d in devices}), False
+    if all(v == 1 for v in dcn):
+        return 1, True
     return len({d.process_index for d in devices}), True
 
 
 def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A (data, fsdp, tensor) mesh: ici axes within a slice/process, dcn axes across them."""
     devices = list(jax.devices() if devices is None else devices)
-    granules, process_is_granule = _num_granules(devices)
     ici = [mesh_cfg[f"ici_{a}_parallelism"] for a in AXES]
     dcn = [mesh_cfg[f"dcn_{a}_parallelism"] for a in AXES]
+    granules, process_is_granule = _num_granules(devices, dcn)
     if len(devices) % granules:
         raise UserError(f"mesh: {len(devices)} devices do not split evenly over {granules} slices/processes")
-    dcn_shape = _fill_group(dcn, granules, "dcn")
-    ici_shape = _fill_group(ici, len(devices) // granules, "ici")
+    dcn_shape = _fill_group(dcn, granules, "dcn", "slices/processes")
+    ici_shape = _fill_group(ici, len(devices) // granules, "ici", "devices per slice/process")
     if granules == 1:
         device_array = mesh_utils.create_device_mesh(ici_shape, devices, allow_split_physical_axes=True)
     else:

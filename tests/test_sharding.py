@@ -31,11 +31,11 @@ def test_mesh_shapes_from_config():
 @pytest.mark.parametrize(
     "cfg, message",
     [
-        (mesh_cfg(2, 2, 1), r"ici_data_parallelism=2, ici_fsdp_parallelism=2, ici_tensor_parallelism=1 multiply to 4, but there are 8 devices"),
+        (mesh_cfg(2, 2, 1), r"ici_data_parallelism=2, ici_fsdp_parallelism=2, ici_tensor_parallelism=1 multiply to 4, but there are 8 devices per slice/process"),
         (mesh_cfg(-1, -1, 1), "at most one -1"),
         (mesh_cfg(1, -1, 3), "cannot fill 8 devices"),
         (mesh_cfg(0, -1, 1), "positive integer or -1"),
-        (mesh_cfg(dcn_data=2), "dcn_data_parallelism=2.* multiply to 2, but there are 1 devices"),
+        (mesh_cfg(dcn_data=2), "dcn_data_parallelism=2.* multiply to 2, but there are 1 slices/processes"),
     ],
 )
 def test_bad_mesh_is_a_user_error(cfg, message):
