@@ -78,11 +78,28 @@ def test_frozen_trunk_gets_no_gradient():
 
 def test_cnn_baseline_pads_short_batches_to_its_input_length():
     model = GenomicBenchmarksCNN(6, 2, input_len=128, pad_id=0, rngs=nnx.Rngs(0))
-    model.eval()
     tokens = jnp.asarray(np.random.default_rng(0).integers(1, 5, size=(3, 64)), jnp.int32)
     padded = jnp.pad(tokens, ((0, 0), (0, 64)))
     logits = model(tokens, jnp.ones_like(tokens))
     assert logits.shape == (3, 2)
-    np.testing.assert_allclose(logits, model(padded, jnp.ones_like(padded)), rtol=1e-6)
+    np.testing.assert_allclose(logits, model(padded, jnp.ones_like(padded)), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="exceeds the CNN's input_len"):
         model(jnp.ones((1, 200), jnp.int32), jnp.ones((1, 200), jnp.int32))
+
+
+def test_cnn_prediction_depends_only_on_the_batch_norm_reference_rows():
+    """At eval the batch-norm statistics come from fixed reference rows, not from the other test rows."""
+    model = GenomicBenchmarksCNN(6, 2, input_len=64, pad_id=0, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    reference = jnp.asarray(rng.integers(1, 5, size=(4, 64)), jnp.int32)
+    test_rows = jnp.asarray(rng.integers(1, 5, size=(3, 64)), jnp.int32)
+
+    def logits_of(rows):
+        tokens = jnp.concatenate([rows, reference])
+        norm_rows = jnp.concatenate([jnp.zeros(len(rows)), jnp.ones(len(reference))])
+        return model(tokens, jnp.ones_like(tokens), norm_rows)[: len(rows)]
+
+    together = logits_of(test_rows)
+    for i in range(3):
+        np.testing.assert_allclose(logits_of(test_rows[i : i + 1])[0], together[i], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(model(test_rows, jnp.ones_like(test_rows)), together, atol=1e-4)

@@ -55,6 +55,8 @@ def tokenized(config: ConfigDict, split: str) -> cd.TokenizedSplit:
 
 
 def buckets(config: ConfigDict) -> tuple[int, ...]:
+    if config.model.kind == "cnn":
+        return (config.train.seq_len,)  # the CNN reads one fixed length whatever the batch holds
     return cd.bucket_lengths(config.train.seq_len, min(config.classify.min_bucket_len, config.train.seq_len))
 
 
@@ -157,7 +159,11 @@ class ClassifyTask(Task):
         return dict(params, trunk=trunk)
 
     def loss(self, model, batch, config):
-        logits_BxC = model(batch["tokens"], batch["segment_ids"]).astype(jnp.float32)
+        if config.model.kind == "cnn":
+            logits_BxC = model(batch["tokens"], batch["segment_ids"], batch["norm_rows"])
+        else:
+            logits_BxC = model(batch["tokens"], batch["segment_ids"])
+        logits_BxC = logits_BxC.astype(jnp.float32)
         labels_B, weights_B = batch["labels"], batch["weights"]
         ce_B = jax.nn.logsumexp(logits_BxC, axis=-1) - jnp.take_along_axis(logits_BxC, labels_B[:, None], axis=-1)[:, 0]
         total = jnp.sum(jnp.where(weights_B > 0, weights_B * ce_B, 0.0))
@@ -182,7 +188,8 @@ class ClassifyTask(Task):
         return metrics
 
     def batch_axes(self, config: ConfigDict) -> dict[str, tuple[str, ...]]:
-        return {"tokens": ("batch", "length"), "segment_ids": ("batch", "length"), "labels": ("batch",), "weights": ("batch",)}
+        rows = ("batch",)
+        return {"tokens": ("batch", "length"), "segment_ids": ("batch", "length"), "labels": rows, "weights": rows, "norm_rows": rows}
 
     def dummy_batch(self, config: ConfigDict, local_batch_size: int) -> dict[str, np.ndarray]:
         shape = (local_batch_size, config.train.seq_len)
@@ -191,15 +198,21 @@ class ClassifyTask(Task):
             "segment_ids": np.ones(shape, np.int32),
             "labels": np.zeros(local_batch_size, np.int32),
             "weights": np.ones(local_batch_size, np.float32),
+            "norm_rows": np.ones(local_batch_size, np.float32),
         }
 
     def train_iterator(self, config, process_index, process_count):
         return BucketedIterator(config, tokenized(config, "train"), process_index, process_count)
 
     def eval_iterator(self, config, process_index, process_count) -> Iterator[dict[str, np.ndarray]]:
+        """One pass over the test split; for the CNN each batch also carries its batch-norm reference rows."""
         split = tokenized(config, "test")
+        reference = _norm_reference_rows(config) if config.model.kind == "cnn" else None
         for indices_B in cd.eval_batches(split, buckets(config), config.train.global_batch_size):
-            yield _local_rows(cd.pad_batch(split, indices_B, buckets(config), PAD_ID), process_index, process_count)
+            batch = _with_norm_rows(cd.pad_batch(split, indices_B, buckets(config), PAD_ID), reference is None)
+            if reference is not None:
+                batch = {k: np.concatenate([v, reference[k]]) for k, v in batch.items()}
+            yield _local_rows(batch, process_index, process_count)
 
     def summarize(self, workdir: str, config: ConfigDict, step: int, eval_metrics: Mapping[str, float]) -> None:
         """`<workdir>/results.json`: the test metrics, the confusion matrix and how the split was made."""
@@ -226,6 +239,21 @@ class ClassifyTask(Task):
         with open(f"{path}.tmp", "w") as f:
             json.dump(results, f, indent=2)
         os.replace(f"{path}.tmp", path)
+
+
+def _with_norm_rows(batch: dict[str, np.ndarray], rows_normalise: bool) -> dict[str, np.ndarray]:
+    """`norm_rows`: the rows whose statistics the CNN's batch norm uses (the real rows, or none)."""
+    return dict(batch, norm_rows=batch["weights"] if rows_normalise else np.zeros_like(batch["weights"]))
+
+
+def _norm_reference_rows(config: ConfigDict) -> dict[str, np.ndarray]:
+    """A fixed, seeded sample of training rows (weight 0, norm_rows 1): the CNN's batch-norm statistics at eval."""
+    split = tokenized(config, "train")
+    size = config.train.global_batch_size
+    indices_B = np.random.default_rng(config.train.seed).permutation(len(split))[:size]
+    indices_B = np.resize(indices_B, size)  # a training split smaller than a batch repeats rows
+    batch = cd.pad_batch(split, indices_B, buckets(config), PAD_ID)
+    return dict(batch, weights=np.zeros_like(batch["weights"]), norm_rows=np.ones_like(batch["weights"]))
 
 
 def _local_rows(batch: Mapping[str, np.ndarray], process_index: int, process_count: int) -> dict[str, np.ndarray]:
@@ -262,7 +290,7 @@ class BucketedIterator:
             self._batches = self._epoch_batches()
         indices_B = self._batches[self._position]
         self._position += 1
-        return _local_rows(cd.pad_batch(self._split, indices_B, self._buckets, PAD_ID), *self._process)
+        return _local_rows(_with_norm_rows(cd.pad_batch(self._split, indices_B, self._buckets, PAD_ID), True), *self._process)
 
     def get_state(self) -> dict[str, int]:
         return {"epoch": self._epoch, "position": self._position}
