@@ -99,3 +99,11 @@ def test_model_logits_agree_between_splash_and_xla():
         model = Transformer(tiny_cfg(attention=backend, splash_block_q=128, splash_block_kv=128), rngs=nnx.Rngs(0))
         logits[backend] = nnx.jit(lambda m, t: m(t))(model, tokens)
     assert max_relative_error(logits["splash"], logits["xla"]) < 1e-5
+
+
+def test_splash_rejects_kv_heads_the_tensor_axis_cannot_split():
+    q, k, v = qkv(kv_heads=2)
+    splash = jax.jit(lambda q, k, v: attention.attend(q, k, v, None, backend="splash", block_q=128, block_kv=128))
+    with sharding.use_mesh(sharding.make_mesh(mesh_cfg(1, 2, 4)), FSDP_RULES):
+        with pytest.raises(UserError, match="num_kv_heads is divisible by the tensor parallelism"):
+            splash(q, k, v)
