@@ -4,7 +4,8 @@ The published model: 12 layers, d_model 2048, 8 query + 8 KV heads of 128, GeLU 
 before and after each sub-block, a final RMSNorm, untied output, vocab 6 → 503,441,408 parameters.
 Parameters are float32; matmuls run in `compute_dtype`; norms, softmax and logits in float32.
 Layers are stacked on a leading "layers" dimension and run by `jax.lax.scan` (`scan_layers`), or
-kept as a list and unrolled; `remat_policy` picks what the backward pass recomputes.
+kept as a list and unrolled; `remat_policy` picks what the backward pass recomputes. Rotary
+positions count from the start of each row: padding (segment id 0) sits at the end of a row.
 """
 
 from __future__ import annotations
