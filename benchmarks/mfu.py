@@ -259,7 +259,8 @@ def format_dry_run(record: dict[str, Any]) -> str:
         f"dry run: {record['variant']} on {record['num_devices']} x {record['device_kind']}, mesh {record['mesh']}",
         f"params {record['params'] / 1e6:.1f}M; compile {record['compile_time_s']:.1f} s",
         f"FLOPs per token: model {record['flops_per_token'] / 1e9:.3f} G, XLA counts "
-        + ("n/a" if record["xla_flops_per_token"] is None else f"{record['xla_flops_per_token'] / 1e9:.3f} G"),
+        + ("n/a" if record["xla_flops_per_token"] is None else f"{record['xla_flops_per_token'] / 1e9:.3f} G")
+        + (" (XLA counts a loop body once: scanned layers are under-counted)" if record["hlo"]["while_loops"] else ""),
         "per-device memory: " + ", ".join(f"{k.replace('_size_in_bytes', '')} {gib(v)}" for k, v in memory.items()),
         "HLO: " + ", ".join(f"{k} {v}" for k, v in record["hlo"].items()),
     ]
