@@ -5,7 +5,7 @@
 # benchmarks.compare_hf (eager and torch.compile), and prints a short table LAST.
 #
 #   bash benchmarks/gpu_check.sh                       # GPU: ~7 min; device tool: carry [".whl"]
-#   GPU_CHECK_SMOKE=1 bash benchmarks/gpu_check.sh     # the same logic on CPU, demo preset (~2 min)
+#   GPU_CHECK_SMOKE=1 bash benchmarks/gpu_check.sh     # the same logic on CPU, demo preset (2-6 min)
 #
 # Writes $OUT/gpu_check.log (everything) and $OUT/results.jsonl (one JSON line per variant).
 # Knobs: GPU_CHECK_BUDGET_S (default 400: a variant whose expected time would end past it is skipped),
