@@ -48,6 +48,14 @@ def test_short_sequences_shrink_the_splash_block():
     attention.check_shapes("splash", 256, 64, 512, 512)
 
 
+def test_auto_falls_back_to_xla_where_the_kernel_cannot_run():
+    assert attention.select_backend("auto", 1024, 128, 512, 512, "tpu") == "splash"
+    assert attention.select_backend("auto", 64, 128, 512, 512, "tpu") == "xla"
+    assert attention.select_backend("auto", 1024, 12, 512, 512, "gpu") == "xla"
+    with pytest.raises(UserError, match="splash attention"):
+        attention.select_backend("splash", 64, 128, 512, 512, "tpu")
+
+
 def test_xla_grouped_query_matches_repeated_kv_heads():
     """GQA convention: query head h reads kv head h // group, as HF `repeat_kv` lays them out."""
     q, k, v = qkv(length=32, heads=4, kv_heads=2)

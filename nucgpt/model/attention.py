@@ -1,5 +1,8 @@
 """Causal self-attention backends: xla (reference), cudnn (GPU), splash (TPU Pallas), auto by platform.
 
+`auto` runs splash on TPU and cudnn on GPU, and xla elsewhere or for shapes the platform's kernel
+cannot take; a backend named explicitly with such a shape is a UserError.
+
 Every backend takes q (already scaled by 1/sqrt(head_dim)), k, v in layout [batch, length, heads,
 head_dim] and returns [batch, length, heads, head_dim]. Grouped-query attention: query head h reads
 key/value head h // (heads / kv_heads), the Hugging Face `repeat_kv` convention.
@@ -49,6 +52,21 @@ def check_shapes(backend: str, seq_len: int, head_dim: int, block_q: int, block_
                 )
     if backend == "cudnn" and (head_dim % 8 or head_dim > 256):
         raise UserError(f"cudnn attention: head_dim {head_dim} must be a multiple of 8 and at most 256")
+
+
+def select_backend(
+    name: str, seq_len: int, head_dim: int, block_q: int, block_kv: int, platform: str | None = None
+) -> str:
+    """The backend to run. `auto` falls back to xla for shapes its platform's kernel cannot take
+    (e.g. a 64-token fine-tuning bucket on TPU); a named backend's unsupported shape is a UserError."""
+    backend = resolve_backend(name, platform)
+    try:
+        check_shapes(backend, seq_len, head_dim, block_q, block_kv)
+    except UserError:
+        if name != "auto":
+            raise
+        return "xla"
+    return backend
 
 
 def attend(

@@ -151,7 +151,7 @@ class Block(nnx.Module):
             h_BxLxD = rms_norm(h_BxLxD, out_norm[...], self.cfg.norm_eps)
         return constrain(x_BxLxD + h_BxLxD, ("batch", "length", "embed"))
 
-    def attention(self, x_BxLxD, segment_ids_BxL, sin_LxK, cos_LxK) -> jax.Array:
+    def attention(self, x_BxLxD, segment_ids_BxL, sin_LxK, cos_LxK, backend: str) -> jax.Array:
         cfg = self.cfg
         q_BxLxHxK = checkpoint_name(jnp.einsum("BLD,DHK->BLHK", x_BxLxD, self._weight(self.wq)), "query")
         k_BxLxGxK = checkpoint_name(jnp.einsum("BLD,DGK->BLGK", x_BxLxD, self._weight(self.wk)), "key")
@@ -163,7 +163,7 @@ class Block(nnx.Module):
         v_BxLxGxK = constrain(v_BxLxGxK, ("batch", "length", "kv_heads", "head_dim"))
         out_BxLxHxK = attention.attend(
             q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL,
-            backend=attention.resolve_backend(cfg.attention),
+            backend=backend,
             block_q=cfg.get("splash_block_q", 512),
             block_kv=cfg.get("splash_block_kv", 512),
         )
@@ -181,8 +181,10 @@ class Block(nnx.Module):
         hidden_BxLxF = constrain(hidden_BxLxF, ("batch", "length", "mlp"))
         return checkpoint_name(jnp.einsum("BLF,FD->BLD", hidden_BxLxF, self._weight(self.w_down)), "mlp_out")
 
-    def __call__(self, x_BxLxD, segment_ids_BxL, sin_LxK, cos_LxK) -> jax.Array:
-        attend = functools.partial(self.attention, segment_ids_BxL=segment_ids_BxL, sin_LxK=sin_LxK, cos_LxK=cos_LxK)
+    def __call__(self, x_BxLxD, segment_ids_BxL, sin_LxK, cos_LxK, backend: str) -> jax.Array:
+        attend = functools.partial(
+            self.attention, segment_ids_BxL=segment_ids_BxL, sin_LxK=sin_LxK, cos_LxK=cos_LxK, backend=backend
+        )
         x_BxLxD = self._sublayer(x_BxLxD, self.attn_in_norm, getattr(self, "attn_out_norm", None), attend)
         return self._sublayer(x_BxLxD, self.mlp_in_norm, getattr(self, "mlp_out_norm", None), self.mlp)
 
@@ -203,12 +205,12 @@ class Transformer(nnx.Module):
         if not cfg.tie_embeddings:
             self.unembedding = p((cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
 
-    def _run_blocks(self, x_BxLxD, segment_ids_BxL, sin_LxK, cos_LxK) -> jax.Array:
+    def _run_blocks(self, x_BxLxD, segment_ids_BxL, sin_LxK, cos_LxK, backend: str) -> jax.Array:
         cfg = self.cfg
 
         def layer_fn(graphdef: nnx.GraphDef) -> Callable:
             def apply(x_BxLxD, block_state):
-                return nnx.merge(graphdef, block_state)(x_BxLxD, segment_ids_BxL, sin_LxK, cos_LxK)
+                return nnx.merge(graphdef, block_state)(x_BxLxD, segment_ids_BxL, sin_LxK, cos_LxK, backend)
 
             if cfg.remat_policy == "none":
                 return apply
@@ -228,16 +230,15 @@ class Transformer(nnx.Module):
         """Hidden states after the final norm, [B, L, d_model] in compute dtype; segment id 0 = padding."""
         cfg = self.cfg
         seq_len = tokens_BxL.shape[1]
-        attention.check_shapes(
-            attention.resolve_backend(cfg.attention), seq_len, cfg.head_dim,
-            cfg.get("splash_block_q", 512), cfg.get("splash_block_kv", 512),
+        backend = attention.select_backend(
+            cfg.attention, seq_len, cfg.head_dim, cfg.get("splash_block_q", 512), cfg.get("splash_block_kv", 512)
         )
         # The lookup reads a whole table (small: vocab ≤ 4098), gathered like every FSDP weight.
         table_VxD = constrain(self.embedding[...], (None, None))
         x_BxLxD = jnp.take(table_VxD, tokens_BxL, axis=0).astype(cfg.compute_dtype)
         x_BxLxD = constrain(x_BxLxD, ("batch", "length", "embed"))
         sin_LxK, cos_LxK = rope_tables(seq_len, cfg.head_dim, cfg.rope_base)
-        x_BxLxD = self._run_blocks(x_BxLxD, segment_ids_BxL, sin_LxK, cos_LxK)
+        x_BxLxD = self._run_blocks(x_BxLxD, segment_ids_BxL, sin_LxK, cos_LxK, backend)
         return rms_norm(x_BxLxD, self.final_norm[...], cfg.norm_eps)
 
     def unembed(self, hidden_BxLxD: jax.Array) -> jax.Array:
