@@ -150,3 +150,17 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(genome, tmp_pa
     saved = sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
     assert all(s < bad_step for s in saved)
     assert (f"last good checkpoint is step {saved[-1]}" if saved else "no checkpoint was saved") in line[0]
+
+
+def test_dry_run_of_the_500m_preset_compiles_without_allocating(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "nucgpt.train", "--config", "configs/pretrain.py:nucleotide_gpt_500m",
+         "--workdir", str(tmp_path / "w"), "--dry_run"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "parameters: 503,441,408" in out
+    assert "mesh: {'data': 1, 'fsdp': 8, 'tensor': 1}" in out
+    assert "per-device memory" in out and "blocks/wq" in out and "P(None, 'fsdp', 'tensor', None)" in out
+    assert not (tmp_path / "w").exists()
