@@ -1,10 +1,14 @@
 """Attention backends: splash (Pallas interpret mode on CPU) and xla agree, forward and gradients."""
 
+import contextlib
+import io
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.ad_checkpoint import print_saved_residuals
 
 from configs.pretrain import FSDP_RULES
 from nucgpt import sharding
@@ -115,3 +119,16 @@ def test_splash_rejects_kv_heads_the_tensor_axis_cannot_split():
     with sharding.use_mesh(sharding.make_mesh(mesh_cfg(1, 2, 4)), FSDP_RULES):
         with pytest.raises(UserError, match="num_kv_heads is divisible by the tensor parallelism"):
             splash(q, k, v)
+
+
+@pytest.mark.parametrize("policy, keeps_statistics", [("save_matmuls", True), ("save_projections_and_mlp", False)])
+def test_save_matmuls_keeps_the_splash_forward_residuals(policy, keeps_statistics):
+    """Only then does the backward pass skip rerunning the kernel's forward: its softmax statistics
+    (logsumexp, [layers=1, batch=1, heads=4, length=128]) are among the saved residuals."""
+    cfg = tiny_cfg(num_layers=1, attention="splash", splash_block_q=128, splash_block_kv=128, remat_policy=policy)
+    graphdef, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    tokens = jnp.zeros((1, 128), jnp.int32)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        print_saved_residuals(lambda state: jnp.sum(nnx.merge(graphdef, state)(tokens)), state)
+    assert ("f32[1,1,4,128] " in printed.getvalue()) == keeps_statistics
