@@ -93,17 +93,17 @@ log "$ATTENTION_LINE"
 timeout 120 "$PY" - >"$WORK/residuals.txt" 2>&1 <<'EOF'
 import jax, jax.numpy as jnp
 from jax._src.ad_checkpoint import saved_residuals
-from benchmarks import mfu
+from nucgpt.model import transformer
 from nucgpt.model import attention
 
 if jax.default_backend() != "gpu":
-    print("save_matmuls_cudnn keeps the cuDNN residuals: not checked (no GPU)")
+    print("save_matmuls keeps the cuDNN residuals: not checked (no GPU)")
     raise SystemExit
 q = jnp.ones((1, 256, 8, 128), jnp.bfloat16)
 loss = lambda q, k, v: jnp.sum(attention.attend(q, k, v, None, backend="cudnn").astype(jnp.float32))
-policy = mfu.CANDIDATE_REMAT_POLICIES["save_matmuls_cudnn"]
+policy = transformer.REMAT_POLICIES["save_matmuls"]
 kept = saved_residuals(jax.checkpoint(loss, policy=policy), q, q, q)
-print("save_matmuls_cudnn keeps the cuDNN residuals:", any("dot_product_attention_fwd" in str(s) for _, s in kept))
+print("save_matmuls keeps the cuDNN residuals:", any("dot_product_attention_fwd" in str(s) for _, s in kept))
 EOF
 cat "$WORK/residuals.txt" >>"$LOG"
 RESIDUALS_LINE=$(tail -1 "$WORK/residuals.txt")
@@ -159,25 +159,25 @@ run_hf() {  # mode(eager|compile) batch
 
 # Remat `none` keeps ~210 KB per token per layer (f32 norm and GeLU intermediates): batch 4 does not fit;
 # save_projections_and_mlp keeps the 7 matmul outputs (32 KB) and recomputes the elementwise ops, but
-# reruns the cuDNN forward in the backward; save_matmuls_cudnn (benchmarks.mfu) also keeps its outputs.
+# reruns the cuDNN forward in the backward; save_matmuls (nucgpt.model) also keeps its outputs.
 if [ "$SMOKE" = 1 ]; then
-  run_mfu b8_smc_tuned 8 save_matmuls_cudnn true tuned
+  run_mfu b8_smc_tuned 8 save_matmuls true tuned
   run_hf compile 8
   run_mfu b8_spm_tuned 8 save_projections_and_mlp true tuned
-  run_mfu b16_smc_tuned 16 save_matmuls_cudnn true tuned
+  run_mfu b16_smc_tuned 16 save_matmuls true tuned
   run_hf eager 8
   run_mfu b8_none_tuned 8 none true tuned
-  run_mfu b8_smc_default 8 save_matmuls_cudnn true default
-  run_mfu b8_smc_unrolled_tuned 8 save_matmuls_cudnn false tuned
+  run_mfu b8_smc_default 8 save_matmuls true default
+  run_mfu b8_smc_unrolled_tuned 8 save_matmuls false tuned
 else
-  run_mfu b4_smc_tuned 4 save_matmuls_cudnn true tuned
+  run_mfu b4_smc_tuned 4 save_matmuls true tuned
   run_hf compile 4
   run_mfu b4_spm_tuned 4 save_projections_and_mlp true tuned
   run_hf eager 4
-  run_mfu b8_smc_tuned 8 save_matmuls_cudnn true tuned
+  run_mfu b8_smc_tuned 8 save_matmuls true tuned
   run_mfu b2_none_tuned 2 none true tuned
-  run_mfu b4_smc_default 4 save_matmuls_cudnn true default
-  run_mfu b4_smc_unrolled_tuned 4 save_matmuls_cudnn false tuned
+  run_mfu b4_smc_default 4 save_matmuls true default
+  run_mfu b4_smc_unrolled_tuned 4 save_matmuls false tuned
 fi
 
 # --- 5. the table, last ----------------------------------------------------------------------------------

@@ -21,9 +21,6 @@ variant per process (as benchmarks/gpu_check.sh does) for per-variant peaks.
 `--dry_run` compiles for abstract inputs only (nothing allocated): per-device memory and HLO
 statistics, e.g. for the 500M step on a CPU; with `--topology v5p:2x2x1` (libtpu installed, no TPU
 needed) it compiles for that TPU slice.
-
-`CANDIDATE_REMAT_POLICIES` are extra `model.remat_policy` values under trial (registered into the
-model's table at start, never replacing one of its own); see benchmarks/NOTES.md.
 """
 
 import copy
@@ -42,7 +39,6 @@ from benchmarks import report
 from nucgpt import config as config_checks
 from nucgpt import flops, sharding, step
 from nucgpt.errors import UserError, exits_cleanly_on_user_error
-from nucgpt.model import transformer
 
 config_flags.DEFINE_config_file("config", None, "configs/pretrain.py:<preset>", lock_config=True)
 flags.DEFINE_integer("steps", 10, "timed steps")
@@ -60,31 +56,6 @@ FLAGS = flags.FLAGS
 
 EXIT_OUT_OF_MEMORY = 3
 OOM_MARKERS = ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "OOM")
-
-
-def saves_cudnn_attention(prim, *_, **__) -> bool:
-    """Keeps the cuDNN forward's outputs (attention output + f32 softmax statistics, 32 B per token
-    and head) so the backward pass does not rerun the forward kernel: a name-only policy cannot
-    name them, as they live inside `jax.nn.dot_product_attention`'s custom VJP."""
-    return prim.name == "dot_product_attention_fwd_wrapper"
-
-
-# Remat policies measured here before they move into nucgpt.model (where they belong once they win).
-# `save_matmuls_cudnn`: every matmul output of a block (what save_projections_and_mlp names, less
-# attention_out, which the cuDNN residuals already hold) plus the cuDNN forward's outputs.
-CANDIDATE_REMAT_POLICIES = {
-    "save_matmuls_cudnn": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.save_only_these_names(
-            "query", "key", "value", "attention_proj", "mlp_hidden", "mlp_out"
-        ),
-        saves_cudnn_attention,
-    ),
-}
-
-
-def register_candidate_remat_policies() -> None:
-    for name, policy in CANDIDATE_REMAT_POLICIES.items():
-        transformer.REMAT_POLICIES.setdefault(name, policy)
 
 
 class OutOfMemory(Exception):
@@ -323,7 +294,6 @@ def main(argv):
         raise UserError("--config is required, e.g. --config configs/pretrain.py:demo")
     if FLAGS.steps < 1 or FLAGS.warmup < 0:
         raise UserError("--steps must be at least 1 and --warmup at least 0")
-    register_candidate_remat_policies()
     if FLAGS.dry_run:
         record = dry_run(config)
         print(format_dry_run(record), flush=True)
