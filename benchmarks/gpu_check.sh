@@ -172,10 +172,10 @@ if [ "$SMOKE" = 1 ]; then
 else
   run_mfu b4_smc_tuned 4 save_matmuls true tuned
   run_hf compile 4
+  run_mfu b2_none_tuned 2 none true tuned
+  run_mfu b8_smc_tuned 8 save_matmuls true tuned
   run_mfu b4_spm_tuned 4 save_projections_and_mlp true tuned
   run_hf eager 4
-  run_mfu b8_smc_tuned 8 save_matmuls true tuned
-  run_mfu b2_none_tuned 2 none true tuned
   run_mfu b4_smc_default 4 save_matmuls true default
   run_mfu b4_smc_unrolled_tuned 4 save_matmuls false tuned
 fi
