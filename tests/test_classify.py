@@ -160,3 +160,29 @@ def test_a_resumed_fine_tune_continues_exactly(tmp_path, tsv_trainer):
     assert int(restored["step"]) == 3 and resumed_iterator.get_state() == {"epoch": 0, "position": 3}
     _, resumed = run_steps(restored, resumed_iterator, 3)
     np.testing.assert_allclose(resumed, straight, rtol=1e-6)
+
+
+def test_init_from_loads_the_pretrained_trunk_and_keeps_the_fresh_head(tmp_path, tsv_table):
+    from flax import nnx
+
+    from nucgpt.checkpoint import Checkpoints
+    from nucgpt.model import Transformer
+
+    config = small_config(tsv_table)
+    pretrained_params = nnx.to_pure_dict(nnx.state(Transformer(config.model, rngs=nnx.Rngs(7))))
+
+    class NoData:
+        def get_state(self):
+            return {}
+
+    checkpoints = Checkpoints(str(tmp_path / "pretrain"), keep=1, async_save=False)
+    checkpoints.save({"step": np.int32(5), "params": pretrained_params, "opt_state": {}}, NoData(), config)
+    checkpoints.close()
+    config.init_from = str(tmp_path / "pretrain")
+    TASK.validate(config)
+
+    fresh = nnx.to_pure_dict(nnx.state(TASK.build_model(config, nnx.Rngs(0))))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    loaded = TASK.initial_params(config, fresh, jax.tree.map(lambda _: device, fresh))
+    jax.tree.map(np.testing.assert_array_equal, loaded["trunk"], pretrained_params)
+    jax.tree.map(np.testing.assert_array_equal, loaded["head"], fresh["head"])

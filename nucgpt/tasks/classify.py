@@ -99,8 +99,11 @@ def check_matches_pretrained(config: ConfigDict, pretrained: Mapping) -> None:
 
 class ClassifyTask(Task):
     def resolve_config(self, config: ConfigDict, workdir: str) -> ConfigDict:
-        if not config.data.path and config.classify.synthetic_examples > 0:
-            with config.unlocked():
+        """An empty data.path with synthetic_examples > 0 means the generated table; a given path, never."""
+        with config.unlocked():
+            if config.data.path:
+                config.classify.synthetic_examples = 0
+            elif config.classify.synthetic_examples > 0:
                 config.data.path = os.path.join(workdir, "data", f"synthetic_{config.classify.synthetic_examples}.tsv")
         return config
 
