@@ -29,7 +29,7 @@ def test_every_preset_is_valid(preset):
     "change, field",
     [
         (lambda c: c.model.update(num_heads=6, num_kv_heads=4), "model.num_heads"),
-        (lambda c: c.model.update(attention="splash", splash_block_q=384), "train.seq_len"),
+        (lambda c: (c.model.update(attention="splash"), c.train.update(seq_len=640)), "train.seq_len"),
         (lambda c: c.train.update(global_batch_size=12), "train.global_batch_size"),
         (lambda c: c.train.update(global_batch_size=16, grad_accum_steps=3), "train.global_batch_size"),
         (lambda c: c.model.update(attention="flash"), "model.attention"),
