@@ -53,8 +53,8 @@ class ClassificationHead(nnx.Module):
 class TransformerClassifier(nnx.Module):
     """A transformer trunk (pretrained or fresh) with a classification head on its pooled output.
 
-    `freeze_trunk` stops gradients at the trunk's output; the optimizer must also skip the trunk
-    (see `trainable_params`) or weight decay would still move it.
+    `freeze_trunk` stops gradients at the trunk's output, so the backward pass skips the trunk;
+    with no weight decay (the classify task insists) AdamW then leaves the trunk exactly as loaded.
     """
 
     def __init__(self, trunk: nnx.Module, d_model: int, num_classes: int, *, pooling: str, freeze_trunk: bool,
@@ -72,9 +72,3 @@ class TransformerClassifier(nnx.Module):
             hidden_BxLxD = jax.lax.stop_gradient(hidden_BxLxD)
         return self.head(pool(hidden_BxLxD, segment_ids_BxL, self.pooling))
 
-
-def trainable_params(freeze_trunk: bool) -> nnx.filterlib.Filter:
-    """The nnx filter of parameters the optimizer updates: all of them, or only the head's."""
-    if freeze_trunk:
-        return nnx.All(nnx.Param, nnx.PathContains("head"))
-    return nnx.Param
