@@ -60,9 +60,10 @@ def cnn_demo(c: ConfigDict) -> None:
 
 
 def nucleotide_gpt_500m(c: ConfigDict) -> None:
-    """Fine-tunes the published 503.4M model; sequences up to its 8,192-token context."""
+    """Fine-tunes the published 503.4M model: sequences up to its 8,192-token context, batch 16 as in
+    pretraining (a full-length batch needs what a pretraining step needs; bucketing makes most smaller)."""
     pretrain.nucleotide_gpt_500m(c)
-    c.train.update(steps=3000, global_batch_size=32, seq_len=8192, log_every=50, eval_every=500, eval_steps=0)
+    c.train.update(steps=3000, global_batch_size=16, seq_len=8192, log_every=50, eval_every=500, eval_steps=0)
     c.classify.min_bucket_len = 128  # splash attention needs multiples of 128
     c.optim.update(learning_rate=3e-5, warmup_steps=100, final_learning_rate=1e-6, weight_decay=0.01)
     c.checkpoint.update(every=500, keep=2)
