@@ -124,17 +124,24 @@ def base_config() -> ConfigDict:
 
 
 def demo(c: ConfigDict) -> None:
-    """A tiny model on a generated genome: trains on a 2-core CPU in a few minutes."""
+    """A small model on a generated genome: trains on a 2-core CPU in a few minutes.
+
+    Wide and shallow with short sequences: most of what can be learned from the synthetic genome is
+    memorising the repeat families (an 11-mer lookup reaches ~0.87 nats on repeats), and width
+    memorises per token faster than depth. Repeat weight 1 so `eval_loss` is the plain
+    cross-entropy that the unigram entropy (~1.37 nats) bounds.
+    """
     c.model.update(
-        vocab_size=6, d_model=128, num_layers=4, num_heads=4, num_kv_heads=4, head_dim=32,
-        mlp_dim=512, compute_dtype="float32", scan_layers=True,
+        vocab_size=6, d_model=256, num_layers=2, num_heads=16, num_kv_heads=16, head_dim=16,
+        mlp_dim=1024, compute_dtype="float32", scan_layers=True,
     )
     c.data.update(synthetic_bp=3_000_000, synthetic_seed=0)
     c.train.update(
-        steps=600, global_batch_size=16, seq_len=512, log_every=25, eval_every=200, eval_steps=8,
+        steps=720, global_batch_size=32, seq_len=128, repeat_weight=1.0, log_every=40, eval_every=240,
+        eval_steps=16,
     )
-    c.optim.update(learning_rate=2e-3, warmup_steps=50, final_learning_rate=1e-4)
-    c.checkpoint.update(every=200, keep=2)
+    c.optim.update(learning_rate=3e-3, warmup_steps=30, final_learning_rate=1e-4)
+    c.checkpoint.update(every=240, keep=2)
 
 
 def nucleotide_gpt_500m(c: ConfigDict) -> None:
