@@ -49,7 +49,9 @@ def base_config() -> ConfigDict:
             init_std=0.02,
             param_dtype="float32",
             compute_dtype="bfloat16",
-            remat_policy="none",  # none | full | save_projections | save_attention_out | ...
+            # none | full | dots | save_attention_out | save_qkv_attention_out | save_projections |
+            # save_projections_and_mlp | save_matmuls (nucgpt/model/transformer.py: REMAT_POLICIES)
+            remat_policy="none",
             scan_layers=True,
             attention="auto",  # auto | xla | cudnn | splash
             splash_block_q=512,
@@ -111,6 +113,10 @@ def base_config() -> ConfigDict:
             dcn_fsdp_parallelism=1,
             dcn_tensor_parallelism=1,
             logical_axis_rules=FSDP_RULES,
+            # Virtual CPU devices on a CPU-only host (XLA runs one thread per device): 0 = JAX's
+            # default of one; -1 = one per core, a power of two dividing the global batch. Ignored
+            # where XLA_FLAGS already sets a host device count, and by GPU and TPU platforms.
+            cpu_devices=0,
         )
     )
 
@@ -142,25 +148,35 @@ def demo(c: ConfigDict) -> None:
     )
     c.optim.update(learning_rate=3e-3, warmup_steps=30, final_learning_rate=1e-4)
     c.checkpoint.update(every=240, keep=2)
+    c.mesh.cpu_devices = -1
 
 
 def nucleotide_gpt_500m(c: ConfigDict) -> None:
-    """The published run: 503.4M parameters, 8,192 bp, batch 16, 20k steps, repeat weight 0.5."""
+    """The published run: 503.4M parameters, 8,192 bp, batch 16, 20k steps, repeat weight 0.5.
+
+    Unrolled layers without remat: the fastest measured on an H100 (benchmarks/NOTES.md); an 80 GB
+    GPU holds 8 sequences (56 GiB), so one GPU runs it with `--config.train.grad_accum_steps=2`.
+    On 16 GB TPU v3 cores use `--config.model.remat_policy=save_matmuls` (`--dry_run` shows memory).
+    """
+    c.model.update(scan_layers=False, remat_policy="none")
 
 
 def llama_500m(c: ConfigDict) -> None:
     """The LLaMA-shaped variant of the published model: pre-norm and SwiGLU."""
+    nucleotide_gpt_500m(c)
     c.model.update(norm_placement="pre", mlp_activation="swiglu")
 
 
 def kmer6_overlap(c: ConfigDict) -> None:
     """Overlapping 6-mers: 8,192 bp → 8,187 tokens padded to 8,192."""
+    nucleotide_gpt_500m(c)
     c.model.vocab_size = 4098
     c.data.tokenizer = "kmer6_overlap"
 
 
 def kmer6_nonoverlap(c: ConfigDict) -> None:
     """Non-overlapping 6-mers: 8,192 bp → 1,366 tokens padded to 1,536 (3 × 512)."""
+    nucleotide_gpt_500m(c)
     c.model.vocab_size = 4098
     c.data.tokenizer = "kmer6_nonoverlap"
     c.train.seq_len = 1536

@@ -195,3 +195,30 @@ def initialize() -> tuple[int, int]:
     logging.info("distributed: process %d of %d, coordinator %s (from %s)", group.process_id,
                  group.num_processes, group.coordinator_address, group.source)
     return group.process_id, group.num_processes
+
+
+_HOST_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+def cpu_device_count(cpu_devices: int, global_batch_size: int, cores: int | None = None) -> int:
+    """How many virtual CPU devices `mesh.cpu_devices` asks for: -1 = one per core, rounded down
+    to a power of two that divides the global batch (XLA runs each CPU device on its own thread,
+    one device keeps one core busy)."""
+    if cpu_devices >= 0:
+        return cpu_devices
+    cores = cores or os.cpu_count() or 1
+    count = 1
+    while count * 2 <= cores and global_batch_size % (count * 2) == 0:
+        count *= 2
+    return count
+
+
+def use_cpu_cores(cpu_devices: int, global_batch_size: int) -> None:
+    """Sets XLA's host device count before JAX starts its backends, unless XLA_FLAGS already sets
+    it (a launcher or test did) or `cpu_devices` is 0. Only the CPU platform reads the flag, so it
+    changes nothing on a GPU or TPU host."""
+    xla_flags = os.environ.get("XLA_FLAGS", "")
+    count = cpu_device_count(cpu_devices, global_batch_size)
+    if count < 1 or _HOST_DEVICE_COUNT_FLAG in xla_flags:
+        return
+    os.environ["XLA_FLAGS"] = f"{xla_flags} {_HOST_DEVICE_COUNT_FLAG}={count}".strip()

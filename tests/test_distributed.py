@@ -207,3 +207,21 @@ def test_stack_traces_on_snapshots_periodically_and_exits_without_waiting_an_int
     assert result.stdout.strip() == "restored True"
     assert "stack trace snapshot every 1 seconds" in result.stderr
     assert "in training_loop" in result.stderr
+
+
+def test_cpu_device_count_is_a_power_of_two_that_divides_the_batch():
+    assert distributed.cpu_device_count(0, 32) == 0
+    assert distributed.cpu_device_count(3, 32) == 3
+    assert distributed.cpu_device_count(-1, 32, cores=2) == 2
+    assert distributed.cpu_device_count(-1, 32, cores=6) == 4
+    assert distributed.cpu_device_count(-1, 12, cores=16) == 4
+    assert distributed.cpu_device_count(-1, 7, cores=16) == 1
+
+
+def test_use_cpu_cores_leaves_an_explicit_device_count_alone(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    distributed.use_cpu_cores(-1, 32)
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_foo=1")
+    distributed.use_cpu_cores(2, 32)
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_foo=1 --xla_force_host_platform_device_count=2"
