@@ -17,7 +17,6 @@ from typing import Any, Iterator, Mapping
 
 import jax
 import orbax.checkpoint as ocp
-from absl import logging
 from etils import epath
 from ml_collections import ConfigDict
 
@@ -122,36 +121,57 @@ class Checkpoints:
     def restore_latest(self, abstract_state: Mapping[str, Any], data_iterator: Any) -> Mapping[str, Any] | None:
         """The newest checkpoint that restores, onto `abstract_state`'s shardings; None when there is none.
 
-        A checkpoint that fails to restore (corrupt or partial files) is reported and the previous
-        one is tried. The data iterator's position is restored too when the checkpoint was written
-        by the same number of processes; otherwise the data restarts, which is said.
+        Each step's stored shapes are compared with `abstract_state` first: a checkpoint written by
+        a different model (the config changed, same workdir) is a UserError, never skipped, so its
+        work is not overwritten by a fresh run. A checkpoint whose files are missing or unreadable
+        (corrupt or partial) is reported and the previous one is tried. The data iterator's position
+        is restored too when the checkpoint was written by the same number of processes; otherwise
+        the data restarts, which is said.
         """
         steps = sorted(self.manager.all_steps(), reverse=True)
+        targets = {"params": abstract_state["params"], "train": {"step": abstract_state["step"], "opt_state": abstract_state["opt_state"]}}
         for i, step in enumerate(steps):
+            step_dir = self.directory / str(step)
+            try:
+                stored_shapes = {name: _stored_shapes(step_dir / name) for name in targets}
+            except Exception as e:  # noqa: BLE001 — unreadable metadata is a corrupt or partial step
+                self._report_unreadable(step, e, steps[i + 1 :])
+                continue
+            mismatch = next(filter(None, (_shape_mismatch(name, stored_shapes[name], target) for name, target in targets.items())), None)
+            if mismatch:
+                raise UserError(
+                    f"checkpoint {step_dir} does not match the config: {mismatch}; "
+                    f"use a new --workdir or the config saved with the checkpoint ({step_dir / 'config' / 'metadata'})"
+                )
             try:
                 restored = self.manager.restore(
                     step,
                     args=ocp.args.Composite(
-                        params=ocp.args.StandardRestore(abstract_state["params"]),
-                        train=ocp.args.StandardRestore(
-                            {"step": abstract_state["step"], "opt_state": abstract_state["opt_state"]}
-                        ),
+                        params=ocp.args.StandardRestore(targets["params"]),
+                        train=ocp.args.StandardRestore(targets["train"]),
                         data=IteratorRestore(data_iterator),
                     ),
                 )
-            except Exception as e:  # noqa: BLE001 — any failure to read a step means: try the one before
-                fallback = f"falling back to step {steps[i + 1]}" if i + 1 < len(steps) else "no older checkpoint; starting fresh"
-                message = f"checkpoint step {step} in {self.directory} is corrupt or partial ({type(e).__name__}: {_first_line(e)}); {fallback}"
-                logging.warning(message)
-                print(f"warning: {message}", flush=True)
+            except Exception as e:  # noqa: BLE001 — shapes match, so a failure to read means damaged files
+                self._report_unreadable(step, e, steps[i + 1 :])
                 continue
             if not restored["data"]:
-                message = f"checkpoint step {step} holds no data-iterator state for {jax.process_count()} process(es); the data order restarts"
-                logging.warning(message)
-                print(f"warning: {message}", flush=True)
+                print(
+                    f"warning: checkpoint step {step} holds no data-iterator state for {jax.process_count()} process(es); "
+                    "the data order restarts",
+                    flush=True,
+                )
             print(f"resumed from checkpoint step {step} in {self.directory}", flush=True)
             return {"step": restored["train"]["step"], "params": restored["params"], "opt_state": restored["train"]["opt_state"]}
         return None
+
+    def _report_unreadable(self, step: int, error: Exception, older_steps: list[int]) -> None:
+        fallback = f"falling back to step {older_steps[0]}" if older_steps else "no older checkpoint; starting fresh"
+        print(
+            f"warning: checkpoint step {step} in {self.directory} is corrupt or partial "
+            f"({type(error).__name__}: {_first_line(error)}); {fallback}",
+            flush=True,
+        )
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -159,6 +179,38 @@ class Checkpoints:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _path_name(path: tuple) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...] | None]:
+    """Leaf path ("blocks/w_up", "opt_state/0/mu/...") → shape; lists, tuples and named tuples alike."""
+    return {_path_name(path): getattr(leaf, "shape", None) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _stored_shapes(item_dir: epath.Path) -> dict[str, tuple[int, ...] | None]:
+    """The shapes an item was saved with, from its metadata alone (no array is read)."""
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        metadata = handler.metadata(item_dir)
+    finally:
+        handler.close()
+    return {name: tuple(shape) if shape is not None else None for name, shape in _shapes(getattr(metadata, "tree", metadata)).items()}
+
+
+def _shape_mismatch(item: str, stored: Mapping[str, Any], target: Any) -> str | None:
+    """The first difference between a checkpoint item's stored shapes and the target's, in words."""
+    expected = {name: tuple(shape) if shape is not None else None for name, shape in _shapes(target).items()}
+    for name in sorted(stored.keys() | expected.keys()):
+        if name not in expected:
+            return f"{item}/{name} is in the checkpoint but not in the config"
+        if name not in stored:
+            return f"{item}/{name} is in the config but not in the checkpoint"
+        if stored[name] != expected[name]:
+            return f"{item}/{name} has shape {stored[name]} in the checkpoint, {expected[name]} in the config"
+    return None
 
 
 def _first_line(e: BaseException) -> str:

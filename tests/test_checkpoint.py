@@ -10,6 +10,7 @@ import pytest
 
 from nucgpt import sharding
 from nucgpt.checkpoint import Checkpoints, load_pretrained
+from nucgpt.errors import UserError
 from nucgpt.step import build_trainer
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "configs"))
@@ -101,3 +102,28 @@ def test_load_pretrained_reads_config_and_params(saved):
         np.testing.assert_array_equal(a, b)
     _, step1 = load_pretrained(str(workdir / "checkpoints" / "1"))
     assert jax.tree.structure(step1) == jax.tree.structure(params)
+
+
+def test_a_checkpoint_of_another_model_is_a_user_error_not_a_fallback(saved):
+    """The config changed in the same workdir: stop, naming the differing shape; never start fresh over it."""
+    workdir, config, _ = saved
+    config = config.copy_and_resolve_references()
+    config.model.mlp_dim = 128
+    trainer = build_trainer(config)
+    checkpoints = Checkpoints(str(workdir), keep=3)
+    with pytest.raises(UserError, match=r"checkpoint .*checkpoints/2 does not match the config: params/blocks/w_down has shape "
+                                        r"\(2, 64, 32\) in the checkpoint, \(2, 128, 32\) in the config; use a new --workdir"):
+        checkpoints.restore_latest(trainer.abstract_state, CountingIterator())
+    checkpoints.close()
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2"]
+
+
+def test_unreadable_metadata_falls_back_to_previous(saved, tmp_path, capsys):
+    source, config, _ = saved
+    workdir = tmp_path / "copy"
+    shutil.copytree(source, workdir)
+    (workdir / "checkpoints" / "2" / "params" / "_METADATA").unlink()
+    checkpoints = Checkpoints(str(workdir), keep=3)
+    restored = checkpoints.restore_latest(build_trainer(config).abstract_state, CountingIterator())
+    checkpoints.close()
+    assert "checkpoint step 2" in capsys.readouterr().out and int(restored["step"]) == 1
