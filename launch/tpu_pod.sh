@@ -115,7 +115,7 @@ if [ "$run" = 1 ]; then
 [ -x ~/.local/bin/uv ] || python3 -m pip install --user --quiet uv \
   || python3 -m pip install --user --quiet --break-system-packages uv; \
 [ -x $venv/bin/python ] || ~/.local/bin/uv venv --quiet --python $python_version $venv; \
-~/.local/bin/uv pip install --quiet --python $venv/bin/python 'jax[tpu]>=0.10,<0.12' ./nucgpt"
+~/.local/bin/uv pip install --quiet --python $venv/bin/python 'jax[tpu]>=0.10,<0.12' './nucgpt[gcs]'"
   train_command="$venv/bin/python -m nucgpt.train"
   for word in "${trainer_args[@]}"; do train_command+=" $(printf '%q' "$word")"; done
   # `$!` must be the trainer itself (not a subshell), so that --stop's SIGTERM reaches it.
