@@ -73,9 +73,4 @@ PRESETS = {f.__name__: f for f in (demo, cnn_demo, nucleotide_gpt_500m)}
 
 
 def get_config(preset: str = "demo") -> ConfigDict:
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    c = base_config()
-    PRESETS[preset](c)
-    c.preset = preset
-    return c
+    return pretrain.build_config(base_config(), PRESETS, preset)

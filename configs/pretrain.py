@@ -185,10 +185,14 @@ def kmer6_nonoverlap(c: ConfigDict) -> None:
 PRESETS = {f.__name__: f for f in (demo, nucleotide_gpt_500m, llama_500m, kmer6_overlap, kmer6_nonoverlap)}
 
 
+def build_config(base: ConfigDict, presets: dict, preset: str) -> ConfigDict:
+    """`base` with one preset applied; shared by every config file's `get_config`."""
+    if preset not in presets:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(presets)}")
+    presets[preset](base)
+    base.preset = preset
+    return base
+
+
 def get_config(preset: str = "demo") -> ConfigDict:
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    c = base_config()
-    PRESETS[preset](c)
-    c.preset = preset
-    return c
+    return build_config(base_config(), PRESETS, preset)
