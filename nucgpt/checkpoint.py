@@ -141,7 +141,7 @@ class Checkpoints:
             if mismatch:
                 raise UserError(
                     f"checkpoint {step_dir} does not match the config: {mismatch}; "
-                    f"use a new --workdir or the config saved with the checkpoint ({step_dir / 'config' / 'metadata'})"
+                    f"use a new --workdir, or the settings in {self.directory.parent / CONFIG_FILE}"
                 )
             try:
                 restored = self.manager.restore(
@@ -218,16 +218,27 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0][:200] if text else ""
 
 
+def latest_step_dir(path: str) -> epath.Path | None:
+    """The newest step folder under a workdir or its `checkpoints/` folder; None when there is none.
+
+    Orbax renames a step folder into place only once its save is complete, so a listed step is whole.
+    """
+    directory = epath.Path(path)
+    if (directory / CHECKPOINT_DIR).exists():
+        directory = directory / CHECKPOINT_DIR
+    steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.exists() else []
+    return directory / str(steps[-1]) if steps else None
+
+
 def _resolve_step_dir(init_from: str) -> epath.Path:
     """A workdir (its latest checkpoint), a `checkpoints/` folder, or one step folder → the step folder."""
     path = epath.Path(init_from)
     if (path / "params").exists():
         return path
-    directory = path / CHECKPOINT_DIR if (path / CHECKPOINT_DIR).exists() else path
-    steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.exists() else []
-    if not steps:
+    step_dir = latest_step_dir(init_from)
+    if step_dir is None:
         raise UserError(f"init_from: no checkpoint found in {init_from} (expected a workdir, its checkpoints/ or a step folder)")
-    return directory / str(steps[-1])
+    return step_dir
 
 
 def load_pretrained_config(init_from: str) -> ConfigDict:

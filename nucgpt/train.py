@@ -5,6 +5,10 @@ build the trainer (`nucgpt.step`), resume from the newest good checkpoint or ini
 train with metrics read one step late, evaluation every `train.eval_every` steps, checkpoints
 every `checkpoint.every` steps and at the end. SIGTERM saves at the next step boundary and exits
 0; a non-finite loss stops the run (exit 1) before anything is saved from it.
+
+The console shows the trainer's own lines (process 0: data, resume, step, eval, save, warnings);
+the libraries' INFO logs (orbax, jax) are hidden unless asked for: `--verbosity=0` shows them,
+`-v 1` adds debug logs.
 """
 
 import math
@@ -16,13 +20,13 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import ConfigDict, config_flags
 
 from nucgpt import config as config_lib
 from nucgpt import diagnostics, distributed, flops, sharding
-from nucgpt.checkpoint import Checkpoints, save_config
+from nucgpt.checkpoint import Checkpoints, latest_step_dir, save_config
 from nucgpt.errors import EXIT_USER_ERROR, UserError, exits_cleanly_on_user_error
 from nucgpt.metrics_log import MetricsLogger
 from nucgpt.step import Trainer, build_trainer
@@ -128,6 +132,8 @@ class Loop:
         if self.last_saved != step:
             self.checkpoints.save(self.state, self.train_iterator, self.config)
             self.last_saved = step
+            if jax.process_index() == 0:
+                print(f"step {step:>7d} | checkpoint saving to {self.checkpoints.directory / str(step)}", flush=True)
 
     def run_eval(self, step: int) -> dict[str, float]:
         metrics = evaluate(self.trainer, self.state)
@@ -175,6 +181,8 @@ def dry_run(config: ConfigDict, mesh) -> None:
     compiled = trainer.train_step.lower(trainer.abstract_state, trainer.abstract_batch()).compile()
     params = trainer.abstract_state["params"]
     num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    if jax.process_index() != 0:
+        return
     devices = mesh.devices.ravel()
     print(f"preset: {config.get('preset', '?')}  task: {config.task}")
     print(f"mesh: {dict(mesh.shape)} over {len(devices)} {devices[0].platform} device(s) ({devices[0].device_kind})")
@@ -204,21 +212,31 @@ def dry_run(config: ConfigDict, mesh) -> None:
         print(f"  batch/{name:<22} {s.spec}")
 
 
+def _nothing_to_evaluate(workdir: str, why: str) -> UserError:
+    return UserError(f"eval_only: {why} in {workdir}; train first, or point --workdir at a trained run")
+
+
 def train(config: ConfigDict, workdir: str, mesh, task: Task) -> int:
     process_index, process_count = jax.process_index(), jax.process_count()
+    if config.eval_only and latest_step_dir(workdir) is None:
+        raise _nothing_to_evaluate(workdir, "no checkpoint")
     if process_index == 0:
         task.prepare_data(config)
     _barrier("nucgpt-prepared")
     task.validate(config)
-    if process_index == 0:
-        save_config(workdir, config)
     trainer = build_trainer(config, mesh)
     checkpoints = Checkpoints(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     train_iterator = task.train_iterator(config, process_index, process_count)
     try:
         state = checkpoints.restore_latest(trainer.abstract_state, train_iterator)
+        if state is None and config.eval_only:
+            raise _nothing_to_evaluate(workdir, "no checkpoint restored (see the warnings above)")
         if state is None:
             state = trainer.init_state()
+            if process_index == 0:
+                print(f"no checkpoint in {checkpoints.directory}: training from a fresh initialisation", flush=True)
+        if process_index == 0:  # after the restore: a config that does not match the checkpoints never replaces theirs
+            save_config(workdir, config)
         loop = Loop(trainer, workdir, checkpoints, train_iterator, state)
         if config.eval_only:
             step, eval_metrics, preempted = int(jax.device_get(state["step"])), loop.run_eval(int(jax.device_get(state["step"]))), False
@@ -248,6 +266,8 @@ def train(config: ConfigDict, workdir: str, mesh, task: Task) -> int:
 
 @exits_cleanly_on_user_error
 def main(argv) -> None:
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
     if len(argv) > 1:
         raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
     distributed.initialize()

@@ -81,8 +81,7 @@ def read_pretrained_config(init_from: str) -> ConfigDict:
     """The config stored in the checkpoint `init_from` names (a workdir or a step folder), without its params."""
     from nucgpt import checkpoint
 
-    step_dir = checkpoint._resolve_step_dir(init_from)
-    return checkpoint.config_from_json(json.loads((step_dir / "config" / "metadata").read_text()))
+    return checkpoint.load_pretrained_config(init_from)
 
 
 def check_matches_pretrained(config: ConfigDict, pretrained: Mapping) -> None:
