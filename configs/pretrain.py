@@ -143,7 +143,7 @@ def demo(c: ConfigDict) -> None:
     )
     c.data.update(synthetic_bp=3_000_000, synthetic_seed=0)
     c.train.update(
-        steps=720, global_batch_size=32, seq_len=128, repeat_weight=1.0, log_every=40, eval_every=240,
+        steps=480, global_batch_size=32, seq_len=128, repeat_weight=1.0, log_every=40, eval_every=240,
         eval_steps=16,
     )
     c.optim.update(learning_rate=3e-3, warmup_steps=30, final_learning_rate=1e-4)

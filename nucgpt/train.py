@@ -270,9 +270,10 @@ def main(argv) -> None:
         logging.set_verbosity(logging.WARNING)
     if len(argv) > 1:
         raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
-    distributed.initialize()
     if _CONFIG.value is None:
         raise UserError("--config is required, e.g. --config configs/pretrain.py:demo")
+    distributed.use_cpu_cores(_CONFIG.value.mesh.cpu_devices, _CONFIG.value.train.global_batch_size)
+    distributed.initialize()
     if not _WORKDIR.value:
         raise UserError("--workdir is required")
     config, workdir = _CONFIG.value, _WORKDIR.value

@@ -1,6 +1,7 @@
 """Pretraining: next-token prediction on a prepared genome with the repeat-weighted loss."""
 
 import os
+import time
 from typing import Mapping
 
 import jax
@@ -45,6 +46,8 @@ class PretrainTask(Task):
         genome_dir = os.path.join(os.path.dirname(config.data.path.rstrip("/")) or ".", "genome")
         os.makedirs(genome_dir, exist_ok=True)
         fasta = os.path.join(genome_dir, f"synthetic_{config.data.synthetic_bp}bp_seed{config.data.synthetic_seed}.fa")
+        start = time.perf_counter()
+        print(f"generating a synthetic genome of {config.data.synthetic_bp / 1e6:.1f} Mbp → {config.data.path}", flush=True)
         synthetic.write_genome(fasta, bp=config.data.synthetic_bp, seed=config.data.synthetic_seed)
         prepare.prepare(
             [fasta],
@@ -54,6 +57,7 @@ class PretrainTask(Task):
             progress=False,
             **SYNTHETIC_HOLDOUT,
         )
+        print(f"synthetic genome generated and prepared in {time.perf_counter() - start:.1f} s", flush=True)
 
     @staticmethod
     def window_bp(config: ConfigDict) -> int:
