@@ -13,6 +13,7 @@ target shardings, so a checkpoint written on one mesh restores onto any other. P
 
 import dataclasses
 import json
+import os
 from typing import Any, Iterator, Mapping
 
 import jax
@@ -24,6 +25,11 @@ from nucgpt.errors import UserError
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
+
+
+def absolute_path(path: str) -> epath.Path:
+    """Orbax accepts only absolute paths: a relative local path is made absolute; URLs pass as is."""
+    return epath.Path(path if "://" in path else os.path.abspath(path))
 
 
 class IteratorStateHandler(ocp.CheckpointHandler):
@@ -98,7 +104,7 @@ class Checkpoints:
     """Save / resume for one workdir. All processes call every method (orbax coordinates them)."""
 
     def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
-        self.directory = epath.Path(workdir) / CHECKPOINT_DIR
+        self.directory = absolute_path(workdir) / CHECKPOINT_DIR
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save),
@@ -223,7 +229,7 @@ def latest_step_dir(path: str) -> epath.Path | None:
 
     Orbax renames a step folder into place only once its save is complete, so a listed step is whole.
     """
-    directory = epath.Path(path)
+    directory = absolute_path(path)
     if (directory / CHECKPOINT_DIR).exists():
         directory = directory / CHECKPOINT_DIR
     steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.exists() else []
@@ -232,7 +238,7 @@ def latest_step_dir(path: str) -> epath.Path | None:
 
 def _resolve_step_dir(init_from: str) -> epath.Path:
     """A workdir (its latest checkpoint), a `checkpoints/` folder, or one step folder → the step folder."""
-    path = epath.Path(init_from)
+    path = absolute_path(init_from)
     if (path / "params").exists():
         return path
     step_dir = latest_step_dir(init_from)

@@ -127,3 +127,19 @@ def test_unreadable_metadata_falls_back_to_previous(saved, tmp_path, capsys):
     restored = checkpoints.restore_latest(build_trainer(config).abstract_state, CountingIterator())
     checkpoints.close()
     assert "checkpoint step 2" in capsys.readouterr().out and int(restored["step"]) == 1
+
+
+def test_a_relative_workdir_saves_and_restores(saved, tmp_path, monkeypatch):
+    """Orbax wants absolute paths; `--workdir workdirs/demo` (README's command) is relative."""
+    _, config, state = saved
+    monkeypatch.chdir(tmp_path)
+    trainer = build_trainer(config)
+    checkpoints = Checkpoints("workdirs/run", keep=1)
+    checkpoints.save(state, CountingIterator(position=7), config)
+    checkpoints.close()
+    iterator = CountingIterator()
+    checkpoints = Checkpoints("workdirs/run", keep=1)
+    restored = checkpoints.restore_latest(trainer.abstract_state, iterator)
+    checkpoints.close()
+    assert int(restored["step"]) == int(state["step"]) and iterator.position == 7
+    assert (tmp_path / "workdirs/run/checkpoints" / str(int(state["step"])) / "params").is_dir()
