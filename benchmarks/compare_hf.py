@@ -26,6 +26,9 @@ config_flags.DEFINE_config_file("config", None, "configs/pretrain.py:<preset>", 
 flags.DEFINE_enum("mode", "eager", ["eager", "compile"], "eager PyTorch or torch.compile (inductor)")
 flags.DEFINE_integer("steps", 10, "timed steps")
 flags.DEFINE_integer("warmup", 3, "untimed steps first (compile, allocator, cuBLAS/cuDNN heuristics)")
+flags.DEFINE_enum("timing", "pipelined", ["pipelined", "synchronous"],
+                  "as benchmarks.mfu: the next step queued before the host waits (a CUDA event per step), "
+                  "or a full synchronize after each")
 flags.DEFINE_float("peak_tflops", None, "device peak in dense bf16 TFLOP/s; default from nucgpt.flops")
 flags.DEFINE_string("json_out", "", "append the JSON line to this file")
 FLAGS = flags.FLAGS
@@ -105,17 +108,24 @@ def main(argv):
             torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.clip_norm, foreach=True)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss
+        if device.type != "cuda":
+            return loss
+        done = torch.cuda.Event()  # waiting on it waits for this step only, not for the one queued after
+        done.record()
+        return done
 
-    def wait(loss):
-        if device.type == "cuda":
+    def wait(step_result):
+        if device.type != "cuda":
+            step_result.item()
+        elif FLAGS.timing == "synchronous":
             torch.cuda.synchronize()
-        loss.item()
+        else:
+            step_result.synchronize()
 
     warmup_start = time.perf_counter()
-    report.time_steps(train_step, wait, max(1, FLAGS.warmup))
+    report.time_steps(train_step, wait, max(1, FLAGS.warmup), FLAGS.timing)
     warmup_s = time.perf_counter() - warmup_start
-    step_times_s = report.time_steps(train_step, wait, FLAGS.steps)
+    step_times_s = report.time_steps(train_step, wait, FLAGS.steps, FLAGS.timing)
 
     device_kind = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = FLAGS.peak_tflops * 1e12 if FLAGS.peak_tflops else flops.peak_flops_per_device(device_kind)
@@ -138,6 +148,7 @@ def main(argv):
             nucgpt_matmul_params=flops.matmul_params(model_cfg),
             intermediate_size=llama_intermediate_size(model_cfg),
             framework=f"torch {torch.__version__}",
+            timing=FLAGS.timing,
         ),
         FLAGS.json_out,
     )

@@ -8,7 +8,9 @@
 
 The step timed is the one `nucgpt.train` runs (same mesh, shardings, donation, optimizer): it is
 compiled ahead of time from the live state and batch (`.lower().compile()`, so compile time is
-measured apart), warmed up, then each step is timed to completion. MFU = model FLOP/s per device
+measured apart), warmed up, then timed step by step: by default with the next step already queued
+when the host waits (`--timing pipelined`, how `nucgpt.train` runs: metrics are read a step late),
+or each step dispatched after the last finished (`--timing synchronous`). MFU = model FLOP/s per device
 (`nucgpt.flops.train_flops_per_token` × tokens/s ÷ devices) over the device peak from
 `nucgpt.flops.peak_flops_per_device`, or `--peak_tflops`; with neither it is null, never guessed.
 
@@ -43,6 +45,9 @@ from nucgpt.errors import UserError, exits_cleanly_on_user_error
 config_flags.DEFINE_config_file("config", None, "configs/pretrain.py:<preset>", lock_config=True)
 flags.DEFINE_integer("steps", 10, "timed steps")
 flags.DEFINE_integer("warmup", 2, "untimed steps after compilation (allocator, autotuned kernels)")
+flags.DEFINE_enum("timing", "pipelined", ["pipelined", "synchronous"],
+                  "pipelined: the next step is queued before the host waits, as the training loop does; "
+                  "synchronous: each step dispatched after the previous one finished")
 flags.DEFINE_float("peak_tflops", None, "device peak in dense bf16 TFLOP/s; default from nucgpt.flops")
 flags.DEFINE_string("json_out", "", "append each JSON line to this file")
 flags.DEFINE_string("label", "", "a name for this run in the JSON (`variant`); default from the settings")
@@ -140,6 +145,7 @@ def common_fields(config: ConfigDict) -> dict[str, Any]:
         backend=jax.default_backend(),
         jax_version=jax.__version__,
         xla_flags=os.environ.get("XLA_FLAGS", ""),
+        timing=FLAGS.timing,
     )
 
 
@@ -161,13 +167,13 @@ def measure(config: ConfigDict, steps: int, warmup: int) -> dict[str, Any]:
         compile_time_s = time.perf_counter() - compile_start
         params = flops.count_params(state["params"])
 
-        def run_step():
+        def run_step():  # returns the metrics only: the state is donated to the next step
             nonlocal state
             state, metrics = compiled(state, batch)
-            return state, metrics
+            return metrics
 
-        report.time_steps(run_step, jax.block_until_ready, warmup)
-        step_times_s = report.time_steps(run_step, jax.block_until_ready, steps)
+        report.time_steps(run_step, jax.block_until_ready, warmup, FLAGS.timing)
+        step_times_s = report.time_steps(run_step, jax.block_until_ready, steps, FLAGS.timing)
     except Exception as e:
         if is_out_of_memory(e):
             raise OutOfMemory(str(e).splitlines()[0][:300]) from None

@@ -14,17 +14,39 @@ RECORD_KEYS = (
 )
 
 
-def time_steps(run_step: Callable[[], object], wait: Callable[[object], None], steps: int) -> list[float]:
-    """Wall time of each of `steps` calls, each waited for before the clock stops.
+TIMINGS = ("pipelined", "synchronous")
 
-    Waiting on every step costs one host round trip (tens of microseconds) per step of hundreds of
-    milliseconds, and buys a per-step spread (median, min, max) that a single end-to-end timing hides.
+
+def time_steps(
+    run_step: Callable[[], object], wait: Callable[[object], None], steps: int, timing: str = "pipelined"
+) -> list[float]:
+    """Wall time of each of `steps` steps.
+
+    `pipelined` (the default) times steps the way the training loop runs them: step i+1 is already
+    queued when the host waits for step i, so the device never idles between steps, and each step's
+    time is the gap between two completions. `wait` must then wait for its own step only (a JAX
+    result, a CUDA event), not for the whole device queue. One more step runs than is timed.
+    `synchronous` dispatches each step only after the previous one finished: each time also holds
+    the host's dispatch of that step, which the training loop hides.
     """
+    if timing not in TIMINGS:
+        raise ValueError(f"timing={timing!r}; choose one of {', '.join(TIMINGS)}")
     times = []
+    if timing == "synchronous":
+        for _ in range(steps):
+            start = time.perf_counter()
+            wait(run_step())
+            times.append(time.perf_counter() - start)
+        return times
+    last = time.perf_counter()
+    pending = run_step()
     for _ in range(steps):
-        start = time.perf_counter()
-        wait(run_step())
-        times.append(time.perf_counter() - start)
+        queued = run_step()
+        wait(pending)
+        now = time.perf_counter()
+        times.append(now - last)
+        last, pending = now, queued
+    wait(pending)
     return times
 
 

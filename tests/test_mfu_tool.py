@@ -52,6 +52,7 @@ def test_demo_without_peak_reports_every_field_and_no_mfu(tmp_path):
     assert record["peak_memory_bytes"] is None  # the CPU runtime keeps no allocator statistics
     assert record["compile_time_s"] > 0
     assert record["params"] > 0
+    assert record["timing"] == "pipelined"
     assert "MFU                 unknown" in proc.stdout
 
 
@@ -69,3 +70,34 @@ def test_bad_input_is_one_line_error(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --steps")
     assert records == []
+
+
+def test_pipelined_timing_queues_the_next_step_before_waiting():
+    """As the training loop: step i+1 is dispatched before the host waits for step i."""
+    events = []
+    counter = iter(range(100))
+
+    def run_step():
+        i = next(counter)
+        events.append(("run", i))
+        return i
+
+    times = report.time_steps(run_step, lambda i: events.append(("wait", i)), 3)
+    assert len(times) == 3 and all(t >= 0 for t in times)
+    assert events == [("run", 0), ("run", 1), ("wait", 0), ("run", 2), ("wait", 1), ("run", 3), ("wait", 2),
+                      ("wait", 3)]
+
+
+def test_synchronous_timing_waits_for_each_step_before_the_next():
+    events = []
+    counter = iter(range(100))
+
+    def run_step():
+        i = next(counter)
+        events.append(("run", i))
+        return i
+
+    report.time_steps(run_step, lambda i: events.append(("wait", i)), 2, "synchronous")
+    assert events == [("run", 0), ("wait", 0), ("run", 1), ("wait", 1)]
+    with pytest.raises(ValueError, match="timing"):
+        report.time_steps(run_step, lambda i: None, 1, "eventually")
