@@ -56,6 +56,7 @@ def base_config() -> ConfigDict:
             attention="auto",  # auto | xla | cudnn | splash
             splash_block_q=512,
             splash_block_kv=512,
+            embedding_lookup="auto",  # auto (one-hot matmul for vocab <= 512) | gather | one_hot
         )
     )
 

@@ -146,6 +146,7 @@ def test_remat_policies_keep_loss_and_grads(policy):
         (dict(mlp_activation="relu"), "mlp_activation"),
         (dict(norm_placement="post"), "norm_placement"),
         (dict(remat_policy="everything"), "remat_policy"),
+        (dict(embedding_lookup="hash"), "model.embedding_lookup"),
         (dict(attention="flash"), "model.attention"),
         (dict(d_model=0), "model.d_model"),
     ],
@@ -159,3 +160,25 @@ def test_splash_sequence_not_divisible_by_block_is_a_user_error():
     model = Transformer(tiny_cfg(attention="splash", splash_block_q=128, splash_block_kv=128), rngs=nnx.Rngs(0))
     with pytest.raises(UserError, match="splash_block_q 128 must be a multiple of 128 that divides the sequence length 192"):
         model(jnp.zeros((1, 192), jnp.int32))
+
+
+@pytest.mark.parametrize("vocab", [6, 4098])
+def test_one_hot_embedding_equals_gather_in_values_and_gradients(vocab):
+    """The one-hot matmul (no scatter-add in the backward pass) gives the gather's rows and gradient exactly."""
+    from nucgpt.model.transformer import embed
+
+    table = jax.random.normal(jax.random.key(1), (vocab, 32))
+    tokens = jax.random.randint(jax.random.key(2), (4, 24), 0, vocab)
+    probe = jax.random.normal(jax.random.key(3), (4, 24, 32))
+
+    def loss(table, lookup):
+        return jnp.sum(embed(table, tokens, lookup, jnp.bfloat16).astype(jnp.float32) * probe)
+
+    rows = {lookup: embed(table, tokens, lookup, jnp.bfloat16) for lookup in ("gather", "one_hot", "auto")}
+    grads = {lookup: jax.grad(loss)(table, lookup) for lookup in ("gather", "one_hot")}
+    assert rows["one_hot"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(rows["one_hot"], rows["gather"])
+    np.testing.assert_array_equal(grads["one_hot"], grads["gather"])
+    # auto: one-hot for the nucleotide vocabulary (no scatter in the backward), gather for 6-mers.
+    backward = jax.jit(jax.grad(loss), static_argnums=1).lower(table, "auto").as_text()
+    assert ("scatter" in backward) == (vocab == 4098)

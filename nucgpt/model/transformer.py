@@ -49,6 +49,8 @@ REMAT_POLICIES: dict[str, Callable | None] = {
     ),
 }
 MLP_ACTIVATIONS = ("gelu", "swiglu")
+EMBEDDING_LOOKUPS = ("auto", "gather", "one_hot")
+ONE_HOT_MAX_VOCAB = 512  # `auto` embeds by one-hot matmul up to this vocabulary (nucleotides: 6)
 NORM_PLACEMENTS = ("pre", "sandwich")
 
 
@@ -65,6 +67,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         raise UserError(f"model.mlp_activation={cfg.mlp_activation!r}; choose one of {', '.join(MLP_ACTIVATIONS)}")
     if cfg.norm_placement not in NORM_PLACEMENTS:
         raise UserError(f"model.norm_placement={cfg.norm_placement!r}; choose one of {', '.join(NORM_PLACEMENTS)}")
+    if cfg.get("embedding_lookup", "auto") not in EMBEDDING_LOOKUPS:
+        raise UserError(f"model.embedding_lookup={cfg.embedding_lookup!r}; choose one of {', '.join(EMBEDDING_LOOKUPS)}")
     if cfg.remat_policy not in REMAT_POLICIES:
         raise UserError(f"model.remat_policy={cfg.remat_policy!r}; choose one of {', '.join(REMAT_POLICIES)}")
     for name in ("param_dtype", "compute_dtype"):
@@ -104,6 +108,24 @@ def rms_norm(x_BxLxD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
 def _gelu(x: jax.Array) -> jax.Array:
     """GeLU with the tanh approximation, as the original JAX model (`jax.nn.gelu`'s default)."""
     return jax.nn.gelu(x, approximate=True)
+
+
+def embed(table_VxD: jax.Array, tokens_BxL: jax.Array, lookup: str, compute_dtype) -> jax.Array:
+    """Token rows of the table in `compute_dtype`, by gather or by a one-hot matmul.
+
+    Same values either way (one non-zero term per output). They differ in the backward pass: the
+    gather's transpose is a scatter-add of every token's gradient row into `vocab` rows — with a
+    6-token vocabulary, millions of colliding atomic adds on a GPU — while the one-hot's is one
+    small matmul [V, B·L] x [B·L, D]. Both run in the table's dtype at full precision, so the rows
+    and the gradient's sums are the gather's. `auto`: one-hot up to ONE_HOT_MAX_VOCAB tokens, where
+    its 2·B·L·V·D FLOPs are negligible.
+    """
+    vocab = table_VxD.shape[0]
+    if lookup == "one_hot" or (lookup == "auto" and vocab <= ONE_HOT_MAX_VOCAB):
+        one_hot_BxLxV = jax.nn.one_hot(tokens_BxL, vocab, dtype=table_VxD.dtype)
+        rows_BxLxD = jnp.einsum("BLV,VD->BLD", one_hot_BxLxV, table_VxD, precision=jax.lax.Precision.HIGHEST)
+        return rows_BxLxD.astype(compute_dtype)
+    return jnp.take(table_VxD, tokens_BxL, axis=0).astype(compute_dtype)
 
 
 def rope_tables(seq_len: int, head_dim: int, base: float) -> tuple[jax.Array, jax.Array]:
@@ -235,7 +257,7 @@ class Transformer(nnx.Module):
         )
         # The lookup reads a whole table (small: vocab ≤ 4098), gathered like every FSDP weight.
         table_VxD = constrain(self.embedding[...], (None, None))
-        x_BxLxD = jnp.take(table_VxD, tokens_BxL, axis=0).astype(cfg.compute_dtype)
+        x_BxLxD = embed(table_VxD, tokens_BxL, cfg.get("embedding_lookup", "auto"), cfg.compute_dtype)
         x_BxLxD = constrain(x_BxLxD, ("batch", "length", "embed"))
         sin_LxK, cos_LxK = rope_tables(seq_len, cfg.head_dim, cfg.rope_base)
         x_BxLxD = self._run_blocks(x_BxLxD, segment_ids_BxL, sin_LxK, cos_LxK, backend)
