@@ -29,6 +29,7 @@ import copy
 import gc
 import os
 import re
+import statistics
 import sys
 import time
 from typing import Any
@@ -48,6 +49,8 @@ flags.DEFINE_integer("warmup", 2, "untimed steps after compilation (allocator, a
 flags.DEFINE_enum("timing", "pipelined", ["pipelined", "synchronous"],
                   "pipelined: the next step is queued before the host waits, as the training loop does; "
                   "synchronous: each step dispatched after the previous one finished")
+flags.DEFINE_bool("compare_timing", False,
+                  "also time --steps steps the other way (--timing) and record their median step time")
 flags.DEFINE_float("peak_tflops", None, "device peak in dense bf16 TFLOP/s; default from nucgpt.flops")
 flags.DEFINE_string("json_out", "", "append each JSON line to this file")
 flags.DEFINE_string("label", "", "a name for this run in the JSON (`variant`); default from the settings")
@@ -174,6 +177,11 @@ def measure(config: ConfigDict, steps: int, warmup: int) -> dict[str, Any]:
 
         report.time_steps(run_step, jax.block_until_ready, warmup, FLAGS.timing)
         step_times_s = report.time_steps(run_step, jax.block_until_ready, steps, FLAGS.timing)
+        other_timing = {}
+        if FLAGS.compare_timing:
+            other = next(t for t in report.TIMINGS if t != FLAGS.timing)
+            other_times_s = report.time_steps(run_step, jax.block_until_ready, steps, other)
+            other_timing = {f"step_time_s_{other}": statistics.median(other_times_s)}
     except Exception as e:
         if is_out_of_memory(e):
             raise OutOfMemory(str(e).splitlines()[0][:300]) from None
@@ -193,6 +201,7 @@ def measure(config: ConfigDict, steps: int, warmup: int) -> dict[str, Any]:
         params=params,
         **common_fields(config),
         compiled_memory=memory_analysis(compiled),
+        **other_timing,
     )
 
 
