@@ -98,15 +98,20 @@ def _stats(event) -> dict[str, Any]:
 
 
 def innermost(events: list[Kernel]) -> list[Kernel]:
-    """Events of one timeline line without those that enclose the next one (a loop around its body)."""
+    """Events of one timeline line without those that enclose the next one (a loop around its body).
+
+    Events that merely overlap (a kernel launched early on its stream, as Hopper's programmatic
+    dependent launch allows) both stay.
+    """
     ordered = sorted(events, key=lambda k: (k.start_ns, -k.end_ns))
-    return [k for k, after in zip(ordered, ordered[1:] + [None]) if after is None or after.start_ns >= k.end_ns]
+    encloses = lambda k, after: after is not None and after.start_ns < k.end_ns and after.end_ns <= k.end_ns
+    return [k for k, after in zip(ordered, ordered[1:] + [None]) if not encloses(k, after)]
 
 
 def _kernels_of_line(line, keep=lambda stats: True) -> list[Kernel]:
     kernels = []
     for event in line.events:
-        if event.duration_ns <= 0:
+        if event.duration_ns <= 0 or NOT_DEVICE_WORK.match(event.name):
             continue
         stats = _stats(event)
         if keep(stats):
@@ -130,8 +135,7 @@ def device_kernels(profile, backend: str, module_name: str) -> tuple[str, list[K
     lines = list(plane.lines)
     # GPU: one line per CUDA stream; TPU: the "XLA Ops" line. The derived lines (XLA Modules, Steps) repeat them.
     chosen = [ln for ln in lines if ln.name.startswith("Stream")] or [ln for ln in lines if ln.name == "XLA Ops"]
-    kernels = [k for line in chosen for k in _kernels_of_line(line) if not NOT_DEVICE_WORK.match(k.name)]
-    return name, kernels
+    return name, [k for line in chosen for k in _kernels_of_line(line)]
 
 
 def union_ns(kernels: Iterable[Kernel]) -> float:

@@ -74,6 +74,8 @@ def test_an_event_enclosing_the_next_one_on_its_line_counts_only_as_the_inner_on
     loop = Kernel("while.1", 0, 100, "while.1")
     body = [Kernel("dot.2", 10, 40, "dot.2"), Kernel("add_fusion", 50, 60, "add_fusion")]
     assert profile_step.innermost([loop, *body]) == body
+    early_launch = [Kernel("gemm_a", 0, 10, ""), Kernel("gemm_b", 8, 20, "")]  # overlap, no nesting
+    assert profile_step.innermost(early_launch) == early_launch
 
 
 GPU_TRACE = """
@@ -82,7 +84,7 @@ planes {
   lines { id: 7 name: "Stream #7(Kernel,MemcpyD2D)" timestamp_ns: 1000
     events { metadata_id: 1 offset_ps: 0 duration_ps: 2000000 stats { metadata_id: 1 str_value: "dot.3" } }
     events { metadata_id: 2 offset_ps: 3000000 duration_ps: 1000000 }
-    events { metadata_id: 4 offset_ps: 4000000 duration_ps: 500000 } }
+    events { metadata_id: 4 offset_ps: 3500000 duration_ps: 500000 } }
   lines { id: 8 name: "CUPTI overhead" timestamp_ns: 1000
     events { metadata_id: 2 offset_ps: 0 duration_ps: 9000000 } }
   lines { id: 9 name: "XLA Ops" timestamp_ns: 1000
@@ -129,7 +131,7 @@ def run_tool(*args: str) -> subprocess.CompletedProcess:
 
 def test_profiled_cpu_step_accounts_for_its_time(tmp_path):
     json_out, trace_dir = tmp_path / "profile.jsonl", tmp_path / "trace"
-    proc = run_tool("--steps", "2", "--warmup", "1", "--top", "5", "--trace_dir", str(trace_dir),
+    proc = run_tool("--steps", "2", "--warmup", "0", "--top", "5", "--trace_dir", str(trace_dir),
                     "--json_out", str(json_out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     record = json.loads(json_out.read_text())
