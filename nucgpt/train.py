@@ -84,10 +84,13 @@ def evaluate(trainer: Trainer, state: Any) -> dict[str, float]:
 
 
 class Throughput:
-    """tokens/s and MFU over a window of steps (MFU is None where the device's peak is unknown)."""
+    """tokens/s and MFU over a window of steps (MFU is None where the device's peak is unknown).
+
+    Tokens are counted from each batch's real shape, so length-bucketed fine-tuning batches shorter
+    than train.seq_len are not counted at full length.
+    """
 
     def __init__(self, config: ConfigDict, start_step: int):
-        self.tokens_per_step = config.train.global_batch_size * config.train.seq_len
         flops_per_token = flops.train_flops_per_token(config.model, config.train.seq_len) if config.task == "pretrain" else None
         peak = flops.peak_flops_per_device(jax.devices()[0].device_kind)
         self.peak_total = peak * jax.device_count() if peak and flops_per_token else None
@@ -95,14 +98,22 @@ class Throughput:
         self.restart(start_step)
 
     def restart(self, step: int) -> None:
-        self.step, self.time = step, time.perf_counter()
+        self.step, self.time, self.tokens = step, time.perf_counter(), 0
+
+    def count(self, tokens: int) -> None:
+        self.tokens += tokens
 
     def measure(self, step: int) -> dict[str, float | None]:
         now = time.perf_counter()
-        tokens_per_sec = (step - self.step) * self.tokens_per_step / max(now - self.time, 1e-9)
+        tokens_per_sec = self.tokens / max(now - self.time, 1e-9)
         self.restart(step)
         mfu = tokens_per_sec * self.flops_per_token / self.peak_total if self.peak_total else None
         return {"tokens_per_sec": tokens_per_sec, "mfu": mfu}
+
+
+def batch_tokens(batch: Mapping[str, jax.Array]) -> int:
+    """Token positions the step computes: global rows × the batch's sequence length."""
+    return max(math.prod(v.shape[:2]) for v in batch.values())
 
 
 class Loop:
@@ -115,9 +126,10 @@ class Loop:
         self.window: dict | None = None
         self.last_saved = checkpoints.latest_step()
 
-    def absorb(self, step: int, metrics: Mapping[str, jax.Array]) -> None:
+    def absorb(self, step: int, metrics: Mapping[str, jax.Array], tokens: int) -> None:
         """Reads one step's metrics (blocking on that step only), stops on NaN/Inf, logs every log_every."""
         metrics = jax.device_get(metrics)
+        self.throughput.count(tokens)
         if not all(np.all(np.isfinite(v)) for v in metrics.values()):
             bad = ", ".join(k for k, v in metrics.items() if not np.all(np.isfinite(v)))
             raise Diverged(f"non-finite {bad} at step {step}")
@@ -154,7 +166,7 @@ class Loop:
             step += 1
             if pending is not None:
                 self.absorb(*pending)
-            pending = (step, metrics)
+            pending = (step, metrics, batch_tokens(batch))
             last = step == config.train.steps
             preempted = preemption.agreed(synchronise=step % config.train.log_every == 0)
             do_eval = step % config.train.eval_every == 0 or last

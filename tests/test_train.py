@@ -192,3 +192,19 @@ def test_dry_run_of_the_500m_preset_compiles_without_allocating(tmp_path):
     # wq is sharded fsdp × tensor, whether the blocks are stacked (a leading layer axis) or unrolled (blocks/<i>/).
     assert re.search(r"^  blocks/(0/)?wq .* P\((None, )?'fsdp', 'tensor', None\)$", out, re.M), out[:3000]
     assert not (tmp_path / "w").exists()
+
+
+def test_throughput_counts_each_batch_at_its_own_length():
+    """Length-bucketed fine-tuning batches count their bucket's length, not train.seq_len."""
+    from configs.pretrain import get_config
+    from nucgpt.train import Throughput, batch_tokens
+
+    assert batch_tokens({"inputs": np.zeros((8, 64)), "labels": np.zeros(8)}) == 8 * 64
+    config = get_config("demo")
+    throughput = Throughput(config, start_step=0)
+    throughput.count(batch_tokens({"inputs": np.zeros((32, 16))}))
+    throughput.count(batch_tokens({"inputs": np.zeros((32, 64))}))
+    throughput.time -= 2.0  # two seconds ago
+    measured = throughput.measure(2)
+    assert measured["tokens_per_sec"] == pytest.approx(32 * (16 + 64) / 2.0, rel=1e-3)
+    assert throughput.tokens == 0 and throughput.step == 2
