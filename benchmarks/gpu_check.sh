@@ -30,6 +30,8 @@ export PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
 # Each flag is explained in benchmarks/NOTES.md; the set is checked below and trimmed if XLA rejects one.
 TUNED_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_triton_gemm=false"
+# cuBLASLt lets XLA fold the MLP's GeLU (and its saved input) into the up-projection GEMM's epilogue.
+CUBLASLT_FLAGS="--xla_gpu_enable_cublaslt=true"
 
 log() { echo "[$(date -u +%T) +${SECONDS}s] $*" | tee -a "$LOG"; }
 record_failure() {  # variant error message → a JSON line, so the table shows what did not run
@@ -83,6 +85,7 @@ if ! flags_ok "$TUNED_FLAGS"; then
   TUNED_FLAGS=${kept# }
 fi
 log "tuned XLA_FLAGS: '$TUNED_FLAGS'"
+flags_ok "$CUBLASLT_FLAGS" || { log "XLA rejects $CUBLASLT_FLAGS: the cublaslt variant runs without it"; CUBLASLT_FLAGS=""; }
 
 # --- 3. cuDNN attention vs the XLA reference at the published shape (benchmarks.attention_check), and
 #        whether the candidate remat policy really keeps the cuDNN forward's residuals -----------------
@@ -111,8 +114,8 @@ log "$RESIDUALS_LINE"
 
 # --- 4. the variants, most promising first; skipped past the budget or after a smaller batch OOM'd -----
 declare -A OOM_AT
-run_mfu() {  # label batch remat scan flagset(default|tuned)
-  local label=$1 batch=$2 remat=$3 scan=$4 flagset=$5 key="$3|$4|$5" rc flags=""
+run_mfu() {  # label batch remat scan flagset(default|tuned|cublaslt) [extra args, comma-separated]
+  local label=$1 batch=$2 remat=$3 scan=$4 flagset=$5 extra=${6:-} key="$3|$4|$5|${6:-}" rc flags=""
   if [ -n "${OOM_AT[$key]:-}" ] && [ "$batch" -ge "${OOM_AT[$key]}" ]; then
     log "$label: skipped (batch ${OOM_AT[$key]} already ran out of memory)"; record_failure "$label" skipped "oom at smaller batch"; return
   fi
@@ -120,11 +123,12 @@ run_mfu() {  # label batch remat scan flagset(default|tuned)
     log "$label: skipped (time budget)"; record_failure "$label" skipped "time budget"; return
   fi
   [ "$flagset" = tuned ] && flags=$TUNED_FLAGS
-  log "$label: start (XLA_FLAGS='$flags')"
+  [ "$flagset" = cublaslt ] && flags=$CUBLASLT_FLAGS
+  log "$label: start (XLA_FLAGS='$flags' ${extra//,/ })"
   XLA_FLAGS="$flags" timeout -k 10 "$VARIANT_TIMEOUT_S" "$PY" -m benchmarks.mfu \
     --config "configs/pretrain.py:$PRESET" $SHAPE --config.train.global_batch_size="$batch" \
     --config.model.remat_policy="$remat" --config.model.attention="$ATTN" --config.model.scan_layers="$scan" \
-    $STEPS --label "$label" --json_out "$RESULTS" >"$WORK/$label.txt" 2>&1
+    ${extra//,/ } $STEPS --label "$label" --json_out "$RESULTS" >"$WORK/$label.txt" 2>&1
   rc=$?
   cat "$WORK/$label.txt" >>"$LOG"
   if [ $rc = 0 ]; then
@@ -140,6 +144,31 @@ run_mfu() {  # label batch remat scan flagset(default|tuned)
     log "$label: FAILED rc $rc"; tail -15 "$WORK/$label.txt"
   fi
 }
+big_memory() {  # more than 100 GB on the device (H200: 141 GB): batch 16 without remat may fit
+  [ "$SMOKE" = 1 ] && return 0
+  local mib
+  mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
+  [ -n "$mib" ] && [ "$mib" -gt 100000 ]
+}
+run_profile() {  # label batch remat scan: where the step's device time goes (benchmarks.profile_step)
+  local label=$1 rc
+  if [ $((SECONDS + 75)) -gt "$BUDGET_S" ]; then
+    log "$label: skipped (time budget)"; record_failure "$label" skipped "time budget"; return
+  fi
+  log "$label: start"
+  timeout -k 10 "$VARIANT_TIMEOUT_S" "$PY" -m benchmarks.profile_step \
+    --config "configs/pretrain.py:$PRESET" $SHAPE --config.train.global_batch_size="$2" \
+    --config.model.remat_policy="$3" --config.model.attention="$ATTN" --config.model.scan_layers="$4" \
+    --steps 3 --warmup 2 --json_out "$OUT/profile.jsonl" >"$WORK/$label.txt" 2>&1
+  rc=$?
+  cat "$WORK/$label.txt" >>"$LOG"
+  PROFILE_TABLE="$WORK/$label.txt"
+  if [ $rc = 0 ]; then log "$label: done"; else
+    record_failure "$label" failed "rc $rc: $(grep -v '^\s*$' "$WORK/$label.txt" | tail -1 | cut -c1-200)"
+    log "$label: FAILED rc $rc"; tail -15 "$WORK/$label.txt"
+  fi
+}
+PROFILE_TABLE=""
 run_hf() {  # mode(eager|compile) batch
   local label=hf_$1 rc need=60 limit=$VARIANT_TIMEOUT_S
   [ "$1" = compile ] && need=150 && limit=$((VARIANT_TIMEOUT_S + 90))  # inductor compiles fwd + bwd first
@@ -158,36 +187,41 @@ run_hf() {  # mode(eager|compile) batch
 }
 
 # Measured on an H100 (benchmarks/NOTES.md): unrolled layers beat scanned by 8-10%, remat none fits batch 8
-# (RMSNorm and GeLU recompute on their own), default XLA flags beat the tuned set by ~2%.
-# GPU_CHECK_VARIANTS overrides the list: space-separated "label:batch:remat:scan:flagset" for our step and
-# "hf:mode:batch" for the peer, e.g. GPU_CHECK_VARIANTS="b4u:4:save_matmuls:false:default hf:compile:4".
+# (RMSNorm and GeLU recompute on their own), default XLA flags beat the tuned set by ~2%. Since then: the
+# embedding is a one-hot matmul (A/B: gather), steps are timed pipelined as the trainer runs them (A/B inside
+# the first variant via --compare_timing), and cuBLASLt (GeLU epilogue fusion) is a candidate flag.
+# GPU_CHECK_VARIANTS overrides the list: space-separated "label:batch:remat:scan:flagset[:extra,args]" for our
+# step and "hf:mode:batch" for the peer, e.g. GPU_CHECK_VARIANTS="b4u:4:save_matmuls:false:default hf:compile:4".
 if [ -n "${GPU_CHECK_VARIANTS:-}" ]; then
   for spec in $GPU_CHECK_VARIANTS; do
-    IFS=: read -r a b c d e <<<"$spec"
-    if [ "$a" = hf ]; then run_hf "$b" "$c"; else run_mfu "$a" "$b" "$c" "$d" "$e"; fi
+    IFS=: read -r a b c d e f <<<"$spec"
+    if [ "$a" = hf ]; then run_hf "$b" "$c"; else run_mfu "$a" "$b" "$c" "$d" "$e" "$f"; fi
   done
 elif [ "$SMOKE" = 1 ]; then
-  run_mfu b8_smc_tuned 8 save_matmuls true tuned
+  run_mfu b8_none_default 8 none false default --compare_timing
   run_hf compile 8
-  run_mfu b8_spm_tuned 8 save_projections_and_mlp true tuned
-  run_mfu b16_smc_tuned 16 save_matmuls true tuned
-  run_hf eager 8
-  run_mfu b8_none_tuned 8 none true tuned
-  run_mfu b8_smc_default 8 save_matmuls true default
-  run_mfu b8_smc_unrolled_tuned 8 save_matmuls false tuned
+  run_profile b8_none_profile 8 none false
+  run_mfu b8_none_gather 8 none false default --config.model.embedding_lookup=gather
+  run_mfu b8_none_cublaslt 8 none false cublaslt
+  run_mfu b8_smc_scan_tuned 8 save_matmuls true tuned
+  big_memory && run_mfu b16_none_default 16 none false default
 else
-  run_mfu b8u_none_default 8 none false default
+  run_mfu b8u_none_default 8 none false default --compare_timing
   run_hf compile 4
+  run_profile b8u_none_profile 8 none false
+  run_mfu b8u_none_gather 8 none false default --config.model.embedding_lookup=gather
+  run_mfu b8u_none_cublaslt 8 none false cublaslt
+  big_memory && run_mfu b16u_none_default 16 none false default
   run_mfu b4u_none_default 4 none false default
   run_mfu b8u_smc_default 8 save_matmuls false default
-  run_mfu b6u_none_default 6 none false default
-  run_mfu b8u_none_tuned 8 none false tuned
   run_hf eager 4
-  run_mfu b4_smc_default 4 save_matmuls true default
 fi
 
 # --- 5. the table, last ----------------------------------------------------------------------------------
 log "total ${SECONDS}s"
+if [ -n "$PROFILE_TABLE" ] && [ -s "$PROFILE_TABLE" ]; then  # the profile's own table (its JSON is in profile.jsonl)
+  echo; grep -v '^{' "$PROFILE_TABLE" | grep -v '^\s*$' | tail -40 | tee -a "$LOG"
+fi
 "$PY" - "$RESULTS" "$ATTENTION_LINE" "$RESIDUALS_LINE" <<'EOF' | tee -a "$LOG"
 import json, sys
 
@@ -197,7 +231,8 @@ hf_compile = next((r["tokens_per_sec"] for r in ran if r.get("variant") == "hf_c
 print()
 print(sys.argv[2])
 print(sys.argv[3])
-print(f"{'variant':<34}{'tokens/s':>11}{'MFU':>8}{'TFLOP/s':>9}{'peak GiB':>10}{'step ms':>9}{'compile s':>10}{'/HF cmp':>9}")
+print(f"{'variant':<34}{'tokens/s':>11}{'MFU':>8}{'TFLOP/s':>9}{'peak GiB':>10}{'step ms':>9}{'sync ms':>9}"
+      f"{'compile s':>10}{'/HF cmp':>9}")
 for r in records:
     if "tokens_per_sec" not in r:
         print(f"{r.get('variant', '?'):<34}  {r.get('error')}: {r.get('message', '')[:80]}")
@@ -206,8 +241,10 @@ for r in records:
     memory = "n/a" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**30:.1f}"
     compile_s = "n/a" if r["compile_time_s"] is None else f"{r['compile_time_s']:.0f}"
     ratio = f"{r['tokens_per_sec'] / hf_compile:.2f}x" if hf_compile else "n/a"
+    sync = r.get("step_time_s_synchronous")  # the same executable timed one step at a time (--compare_timing)
+    sync = "" if sync is None else f"{sync * 1e3:.1f}"
     print(f"{r['variant']:<34}{r['tokens_per_sec']:>11,.0f}{mfu:>8}{r['tflops_per_device']:>9.0f}{memory:>10}"
-          f"{r['step_time_s']['median'] * 1e3:>9.1f}{compile_s:>10}{ratio:>9}")
+          f"{r['step_time_s']['median'] * 1e3:>9.1f}{sync:>9}{compile_s:>10}{ratio:>9}")
 ours = [r for r in ran if r.get("tool") == "mfu"]
 if ours:
     best = max(ours, key=lambda r: r["tokens_per_sec"])
