@@ -17,9 +17,13 @@ once at the end, and the written `.xplane.pb` is read back with `jax.profiler.Pr
 Per step it reports the device busy time (union of kernel intervals), the window (first kernel start
 to last kernel end), the idle gap between them, the host wall time, and busy time per kernel class
 (`KERNEL_CLASSES`; overlapping kernels share their common time equally, so classes sum to busy),
-plus the top `--top` kernels by total time. From the model config it prints the matmul and attention
+plus the top `--top` kernels by total time (grouped by name without XLA's instance number, so one
+fusion summed over every layer). From the model config it prints the matmul and attention
 FLOPs per device and step (`nucgpt.flops`) and the TFLOP/s they imply over each class's own kernel
 time: near ~800 for GEMMs and ~500 for cuDNN attention on an H100 means those kernels are not the gap.
+Caveat: while a profiler runs, XLA executes its command buffers (CUDA graphs) op by op unless
+`--xla_enable_command_buffers_during_profiling=true` is in XLA_FLAGS, so the idle gap can exceed the
+unprofiled step's; compare `host_wall_ms` with benchmarks.mfu's step time.
 A table, then one JSON line (appended to `--json_out`). The trace dir is a temporary dir removed at
 the end unless `--trace_dir` is given (view it with TensorBoard's profile plugin or xprof).
 """
@@ -138,6 +142,11 @@ def device_kernels(profile, backend: str, module_name: str) -> tuple[str, list[K
     return name, [k for line in chosen for k in _kernels_of_line(line)]
 
 
+def kernel_family(name: str) -> str:
+    """The name without XLA's instance number, so the same fusion in every layer adds up (`loop_add_fusion.3`)."""
+    return re.sub(r"([._]\d+)+$", "", name)
+
+
 def union_ns(kernels: Iterable[Kernel]) -> float:
     total, covered_to = 0.0, float("-inf")
     for k in sorted(kernels, key=lambda k: k.start_ns):
@@ -178,7 +187,7 @@ def summarise(kernels: list[Kernel], steps: int, top: int) -> dict[str, Any]:
     for k in kernels:
         class_name = classify(k.name, k.op)
         kernel_time[class_name] += k.end_ns - k.start_ns
-        entry = by_name.setdefault(k.name, [class_name, 0, 0.0])
+        entry = by_name.setdefault(kernel_family(k.name), [class_name, 0, 0.0])
         entry[1] += 1
         entry[2] += k.end_ns - k.start_ns
     ranked = sorted(by_name.items(), key=lambda item: -item[1][2])[:top]

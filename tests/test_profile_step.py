@@ -70,6 +70,15 @@ def test_overlapping_kernels_share_their_common_time_so_classes_sum_to_busy():
     assert [k["name"] for k in summary["top_kernels"]] == ["sm90_xmma_gemm", "ncclDevKernel_AllReduce"]
 
 
+def test_top_kernels_group_the_instances_of_one_fusion():
+    assert profile_step.kernel_family("loop_add_fusion.12") == "loop_add_fusion"
+    assert profile_step.kernel_family("triton_gemm_dot_5") == "triton_gemm_dot"
+    assert profile_step.kernel_family("nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNT") == "nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNT"
+    kernels = [Kernel("loop_add_fusion.3", 0, 2, ""), Kernel("loop_add_fusion.7", 2, 4, ""), Kernel("dot.1", 4, 7, "")]
+    top = profile_step.summarise(kernels, steps=1, top=5)["top_kernels"]
+    assert [(k["name"], k["count"]) for k in top] == [("loop_add_fusion", 2), ("dot", 1)]
+
+
 def test_an_event_enclosing_the_next_one_on_its_line_counts_only_as_the_inner_ones():
     loop = Kernel("while.1", 0, 100, "while.1")
     body = [Kernel("dot.2", 10, 40, "dot.2"), Kernel("add_fusion", 50, 60, "add_fusion")]
