@@ -59,7 +59,8 @@ flags.DEFINE_list("sweep_batch_sizes", [], "global batch sizes to sweep (default
 flags.DEFINE_list("sweep_remat", [], "remat policies to sweep (default: the config's)")
 flags.DEFINE_list("sweep_attention", [], "attention backends to sweep (default: the config's)")
 flags.DEFINE_bool("dry_run", False, "compile for abstract inputs only: memory and HLO statistics")
-flags.DEFINE_string("topology", "", "with --dry_run: compile for this TPU topology offline, e.g. v5e:2x2 (needs libtpu)")
+flags.DEFINE_string("topology", "", "with --dry_run: compile for this TPU slice offline, e.g. v5e:2x2, v5p:2x2x1, "
+                    "v3-8 (needs libtpu; JAX_PLATFORMS=cpu skips probing for a local TPU)")
 FLAGS = flags.FLAGS
 
 EXIT_OUT_OF_MEMORY = 3
@@ -205,16 +206,24 @@ def measure(config: ConfigDict, steps: int, warmup: int) -> dict[str, Any]:
     )
 
 
+def topology_devices(name: str) -> list:
+    """Compile-only devices of a TPU slice, e.g. `v5e:2x2`, `v5p:2x2x1`, `v3-8`: no TPU needed, only libtpu."""
+    from jax.experimental import topologies
+
+    try:
+        return list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
+    except RuntimeError as e:
+        if "TPU support not installed" in str(e):
+            raise UserError(f"--topology {name}: needs the libtpu wheel (pip install 'jax[tpu]=={jax.__version__}')") from None
+        raise UserError(f"--topology {name}: {str(e).splitlines()[0]}") from None
+
+
 def dry_run(config: ConfigDict) -> dict[str, Any]:
     """Compiles the step for abstract state and batch: what it would need, without allocating it.
 
     With `--topology`, for TPU devices that need not exist (JAX's ahead-of-time topologies).
     """
-    devices = None
-    if FLAGS.topology:
-        from jax.experimental import topologies
-
-        devices = topologies.get_topology_desc(topology_name=FLAGS.topology, platform="tpu").devices
+    devices = topology_devices(FLAGS.topology) if FLAGS.topology else None
     trainer = build_trainer(config, devices)
     device = trainer.mesh.devices.flat[0]
     compile_start = time.perf_counter()
@@ -242,7 +251,9 @@ def format_dry_run(record: dict[str, Any]) -> str:
     gib = lambda n: f"{n / 2**30:.2f} GiB"
     memory = record["compiled_memory"] or {}
     lines = [
-        f"dry run: {record['variant']} on {record['num_devices']} x {record['device_kind']}, mesh {record['mesh']}",
+        f"dry run: {record['variant']} on {record['num_devices']} x {record['device_kind']}"
+        + (f" (topology {record['topology']}, compile only)" if record["topology"] else "")
+        + f", mesh {record['mesh']}",
         f"params {record['params'] / 1e6:.1f}M; compile {record['compile_time_s']:.1f} s",
         f"FLOPs per token: model {record['flops_per_token'] / 1e9:.3f} G, XLA counts "
         + ("n/a" if record["xla_flops_per_token"] is None else f"{record['xla_flops_per_token'] / 1e9:.3f} G")
@@ -309,6 +320,8 @@ def main(argv):
         raise UserError("--config is required, e.g. --config configs/pretrain.py:demo")
     if FLAGS.steps < 1 or FLAGS.warmup < 0:
         raise UserError("--steps must be at least 1 and --warmup at least 0")
+    if FLAGS.topology and not FLAGS.dry_run:
+        raise UserError("--topology compiles for devices that are not here: it needs --dry_run")
     if FLAGS.dry_run:
         record = dry_run(config)
         print(format_dry_run(record), flush=True)

@@ -120,7 +120,8 @@ def build_trainer(config: ConfigDict, mesh: Mesh | None = None) -> Trainer:
     rules = config.mesh.logical_axis_rules
     with sharding.use_mesh(mesh, rules):
         graphdef, abstract_params, param_shardings = _param_shardings(task, config, mesh)
-        opt_shardings = _opt_shardings(tx, abstract_params, param_shardings, replicated)
+    # Off the mesh: optax builds placeholder state eagerly, which a compile-only (AOT) TPU mesh cannot run.
+    opt_shardings = _opt_shardings(tx, abstract_params, param_shardings, replicated)
     state_shardings = {"step": replicated, "params": param_shardings, "opt_state": opt_shardings}
     abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),

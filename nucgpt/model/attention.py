@@ -1,7 +1,8 @@
 """Causal self-attention backends: xla (reference), cudnn (GPU), splash (TPU Pallas), auto by platform.
 
 `auto` runs splash on TPU and cudnn on GPU, and xla elsewhere or for shapes the platform's kernel
-cannot take; a backend named explicitly with such a shape is a UserError.
+cannot take; a backend named explicitly with such a shape is a UserError. The platform is the active
+mesh's (`sharding.use_mesh`), so compiling on a CPU host for a TPU topology builds the TPU kernels.
 
 Every backend takes q (already scaled by 1/sqrt(head_dim)), k, v in layout [batch, length, heads,
 head_dim] and returns [batch, length, heads, head_dim]. Grouped-query attention: query head h reads
@@ -30,13 +31,34 @@ RESIDUALS_NAME = "attention_residuals"  # checkpoint name of splash's forward ou
 _MASKED = -1e30
 
 
+def mesh_platform(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None) -> str:
+    """The platform the code is compiled for: the mesh's devices, else the host's default backend.
+
+    They differ when compiling ahead of time for TPU devices that are not present (a CPU host
+    lowering for a `jax.experimental.topologies` mesh): the kernels must be the TPU ones. An
+    abstract mesh built without devices names no platform, so it also means the host's.
+    """
+    if isinstance(mesh, jax.sharding.Mesh):
+        return mesh.devices.flat[0].platform
+    device = None if mesh is None else mesh.abstract_device
+    return jax.default_backend() if device is None else device.platform
+
+
+def compile_platform() -> str:
+    """The platform of the active `sharding.use_mesh` mesh, or the host's default backend outside one."""
+    return mesh_platform(sharding.active_mesh())
+
+
 def resolve_backend(backend: str, platform: str | None = None) -> str:
-    """`auto` → splash on TPU, cudnn on GPU, xla elsewhere; unknown names are a UserError."""
+    """`auto` → splash on TPU, cudnn on GPU, xla elsewhere; unknown names are a UserError.
+
+    The platform defaults to the active mesh's (`compile_platform`), not the host's.
+    """
     if backend not in BACKENDS:
         raise UserError(f"model.attention={backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend
-    platform = platform or jax.default_backend()
+    platform = platform or compile_platform()
     return {"tpu": "splash", "gpu": "cudnn"}.get(platform, "xla")
 
 
@@ -120,8 +142,8 @@ def _cudnn(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK):
     return out_BxLxHxK.astype(q_BxLxHxK.dtype)
 
 
-def _splash_kernel(num_heads: int, seq_len: int, block_q: int, block_kv: int):
-    """A splash kernel for one device's heads; Pallas interpret mode off TPU (CPU tests run it)."""
+def _splash_kernel(num_heads: int, seq_len: int, block_q: int, block_kv: int, interpret: bool):
+    """A splash kernel for one device's heads; `interpret` runs it in Pallas interpret mode (off TPU)."""
     block_q, block_kv = min(block_q, seq_len), min(block_kv, seq_len)
     block_sizes = splash.BlockSizes(
         block_q=block_q,
@@ -139,13 +161,13 @@ def _splash_kernel(num_heads: int, seq_len: int, block_q: int, block_kv: int):
         head_shards=1,
         q_seq_shards=1,
         residual_checkpoint_name=RESIDUALS_NAME,
-        interpret=jax.default_backend() != "tpu",
+        interpret=interpret,
     )
 
 
-def _splash_local(block_q, block_kv, q_BxHxLxK, k_BxGxLxK, v_BxGxLxK, segment_ids_BxL=None):
+def _splash_local(block_q, block_kv, interpret, q_BxHxLxK, k_BxGxLxK, v_BxGxLxK, segment_ids_BxL=None):
     """Splash on the arrays one device holds: vmapped over its batch rows."""
-    kernel = _splash_kernel(q_BxHxLxK.shape[1], q_BxHxLxK.shape[2], block_q, block_kv)
+    kernel = _splash_kernel(q_BxHxLxK.shape[1], q_BxHxLxK.shape[2], block_q, block_kv, interpret)
     if segment_ids_BxL is None:
         return jax.vmap(kernel)(q_BxHxLxK, k_BxGxLxK, v_BxGxLxK)
     segments = splash.SegmentIds(q=segment_ids_BxL, kv=segment_ids_BxL)
@@ -156,8 +178,8 @@ def _splash(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, block_q, block_kv)
     """Splash under `jax.shard_map`: each device runs the kernel on its batch rows and heads."""
     q_BxHxLxK, k_BxGxLxK, v_BxGxLxK = (x.transpose(0, 2, 1, 3) for x in (q_BxLxHxK, k_BxLxGxK, v_BxLxGxK))
     args = (q_BxHxLxK, k_BxGxLxK, v_BxGxLxK) + (() if segment_ids_BxL is None else (segment_ids_BxL,))
-    local = functools.partial(_splash_local, block_q, block_kv)
     mesh = sharding.active_mesh()
+    local = functools.partial(_splash_local, block_q, block_kv, mesh_platform(mesh) != "tpu")
     if mesh is None:
         out_BxHxLxK = local(*args)
     else:
