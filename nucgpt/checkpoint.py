@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from ml_collections import ConfigDict
 
+from nucgpt import config as config_checks
 from nucgpt.errors import UserError
 
 CONFIG_FILE = "config.json"
@@ -100,6 +101,18 @@ def save_config(workdir: str, config: ConfigDict) -> None:
     path.write_text(json.dumps(config_to_json(config), indent=2) + "\n")
 
 
+def _config_mismatch(config: ConfigDict, step_dir: epath.Path) -> str | None:
+    """What in `config` differs from the config stored with a checkpoint step (None: nothing, or none stored)."""
+    try:
+        stored = json.loads((step_dir / "config" / "metadata").read_text())
+    except (OSError, ValueError):
+        return None  # an older or partial step: its shapes are still compared
+    differences = config_checks.architecture_differences(config, stored)
+    if "task" in stored and stored["task"] != config.task:
+        differences.insert(0, f"task={config.task!r} but the checkpoint has {stored['task']!r}")
+    return "; ".join(differences) or None
+
+
 class Checkpoints:
     """Save / resume for one workdir. All processes call every method (orbax coordinates them)."""
 
@@ -124,12 +137,15 @@ class Checkpoints:
         )
         self.manager.save(step, args=args, force=True)
 
-    def restore_latest(self, abstract_state: Mapping[str, Any], data_iterator: Any) -> Mapping[str, Any] | None:
+    def restore_latest(
+        self, abstract_state: Mapping[str, Any], data_iterator: Any, config: ConfigDict | None = None
+    ) -> Mapping[str, Any] | None:
         """The newest checkpoint that restores, onto `abstract_state`'s shardings; None when there is none.
 
-        Each step's stored shapes are compared with `abstract_state` first: a checkpoint written by
-        a different model (the config changed, same workdir) is a UserError, never skipped, so its
-        work is not overwritten by a fresh run. A checkpoint whose files are missing or unreadable
+        Each step's stored shapes, and with `config` its stored task, architecture and tokenizer, are
+        compared with the run's first: a checkpoint written by a different model (the config changed,
+        same workdir) is a UserError, never skipped, so its work is not overwritten by a fresh run.
+        Hyperparameters (learning rate, steps, repeat weight, ...) may change between runs. A checkpoint whose files are missing or unreadable
         (corrupt or partial) is reported and the previous one is tried. The data iterator's position
         is restored too when the checkpoint was written by the same number of processes; otherwise
         the data restarts, which is said.
@@ -143,7 +159,10 @@ class Checkpoints:
             except Exception as e:  # noqa: BLE001 — unreadable metadata is a corrupt or partial step
                 self._report_unreadable(step, e, steps[i + 1 :])
                 continue
-            mismatch = next(filter(None, (_shape_mismatch(name, stored_shapes[name], target) for name, target in targets.items())), None)
+            mismatch = _config_mismatch(config, step_dir) if config is not None else None
+            mismatch = mismatch or next(
+                filter(None, (_shape_mismatch(name, stored_shapes[name], target) for name, target in targets.items())), None
+            )
             if mismatch:
                 raise UserError(
                     f"checkpoint {step_dir} does not match the config: {mismatch}; "

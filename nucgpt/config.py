@@ -27,6 +27,27 @@ POSITIVE = (
     "train.eval_every", "checkpoint.every", "checkpoint.keep", "model.d_model", "model.num_layers",
     "model.num_heads", "model.num_kv_heads", "model.head_dim", "model.mlp_dim", "model.vocab_size",
 )
+# What a set of parameters means beyond its shapes: a checkpoint (resume) or a pretrained trunk
+# (fine-tuning) only makes sense under the same values. Fields absent from an older config are skipped.
+ARCHITECTURE_FIELDS = {
+    "model": (
+        "vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
+        "mlp_activation", "norm_placement", "norm_eps", "rope_base", "tie_embeddings", "scan_layers",
+    ),
+    "data": ("tokenizer", "kmer_pad_multiple"),
+}
+
+
+def architecture_differences(config: Mapping, other: Mapping, sections: tuple[str, ...] = ("data", "model")) -> list[str]:
+    """`section.key=<config's> but <other's>` for each architecture field the two set differently."""
+    return [
+        f"{section}.{key}={config[section][key]!r} but the checkpoint has {other[section][key]!r}"
+        for section in sections
+        for key in ARCHITECTURE_FIELDS[section]
+        if key in other.get(section, {}) and key in config.get(section, {}) and config[section][key] != other[section][key]
+    ]
+
+
 NON_NEGATIVE = ("train.repeat_weight", "optim.warmup_steps", "optim.weight_decay", "optim.clip_norm", "train.eval_steps")
 
 

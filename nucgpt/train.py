@@ -240,7 +240,7 @@ def train(config: ConfigDict, workdir: str, mesh, task: Task) -> int:
     checkpoints = Checkpoints(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     train_iterator = task.train_iterator(config, process_index, process_count)
     try:
-        state = checkpoints.restore_latest(trainer.abstract_state, train_iterator)
+        state = checkpoints.restore_latest(trainer.abstract_state, train_iterator, config)
         if state is None and config.eval_only:
             raise _nothing_to_evaluate(workdir, "no checkpoint restored (see the warnings above)")
         if state is None:

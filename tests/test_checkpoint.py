@@ -118,6 +118,22 @@ def test_a_checkpoint_of_another_model_is_a_user_error_not_a_fallback(saved):
     assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2"]
 
 
+def test_a_same_shaped_architecture_change_is_a_user_error(saved):
+    """rope_base or the tokenizer change no shape, but the parameters would mean something else."""
+    workdir, config, _ = saved
+    config = config.copy_and_resolve_references()
+    config.model.rope_base = 500000.0
+    config.optim.learning_rate = 1e-4  # hyperparameters may change between runs; only the first is named
+    trainer = build_trainer(config)
+    checkpoints = Checkpoints(str(workdir), keep=3)
+    with pytest.raises(UserError, match=r"checkpoints/2 does not match the config: model.rope_base=500000.0 but the "
+                                        r"checkpoint has 10000.0; use a new --workdir"):
+        checkpoints.restore_latest(trainer.abstract_state, CountingIterator(), config)
+    config.model.rope_base = 10000.0
+    assert checkpoints.restore_latest(trainer.abstract_state, CountingIterator(), config) is not None
+    checkpoints.close()
+
+
 def test_unreadable_metadata_falls_back_to_previous(saved, tmp_path, capsys):
     source, config, _ = saved
     workdir = tmp_path / "copy"

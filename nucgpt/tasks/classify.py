@@ -19,17 +19,15 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from nucgpt import classification_metrics
+from nucgpt import config as config_checks
 from nucgpt.data import classification as cd
 from nucgpt.errors import UserError
 from nucgpt.tasks import Task
 from nucgpt.tokenizers import PAD_ID, get_tokenizer
 
 # Architecture fields that must equal the pretrained model's for its parameters to mean anything.
-PRETRAINED_MODEL_FIELDS = (
-    "vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
-    "mlp_activation", "norm_placement", "norm_eps", "rope_base", "tie_embeddings", "scan_layers",
-)
-PRETRAINED_DATA_FIELDS = ("tokenizer", "kmer_pad_multiple")
+PRETRAINED_MODEL_FIELDS = config_checks.ARCHITECTURE_FIELDS["model"]
+PRETRAINED_DATA_FIELDS = config_checks.ARCHITECTURE_FIELDS["data"]
 SYNTHETIC_GC = (0.4, 0.6)  # GC fraction of class 0 and class 1 in the generated demo task
 CONFUSION_PREFIX = "confusion_true"
 
@@ -86,12 +84,7 @@ def read_pretrained_config(init_from: str) -> ConfigDict:
 
 def check_matches_pretrained(config: ConfigDict, pretrained: Mapping) -> None:
     """Tokenizer and architecture must be the checkpoint's: a mismatch names every differing field."""
-    differences = [
-        f"{section}.{key}={config[section][key]!r} but the checkpoint has {pretrained[section][key]!r}"
-        for section, keys in (("data", PRETRAINED_DATA_FIELDS), ("model", PRETRAINED_MODEL_FIELDS))
-        for key in keys
-        if key in pretrained.get(section, {}) and config[section][key] != pretrained[section][key]
-    ]
+    differences = config_checks.architecture_differences(config, pretrained)
     if differences:
         raise UserError(f"init_from {config.init_from}: settings differ from the pretrained model: {'; '.join(differences)}")
 
