@@ -268,7 +268,8 @@ def train(config: ConfigDict, workdir: str, mesh, task: Task) -> int:
             eval_metrics = loop.run_eval(step)
         if process_index == 0:
             task.summarize(workdir, config, step, eval_metrics)
-            summary = ", ".join(f"{k} {eval_metrics[k]:.4f}" for k in ("loss", "loss_repeat", "loss_unique", "bits_per_base") if k in eval_metrics)
+            headline = ("loss", "loss_repeat", "loss_unique", "bits_per_base", "accuracy", "mcc", "f1_macro")
+            summary = ", ".join(f"{k} {eval_metrics[k]:.4f}" for k in headline if k in eval_metrics)
             print(f"done: step {step}; eval {summary}", flush=True)
         loop.logger.close()
         return 0
