@@ -207,11 +207,17 @@ def measure(config: ConfigDict, steps: int, warmup: int) -> dict[str, Any]:
 
 
 def topology_devices(name: str) -> list:
-    """Compile-only devices of a TPU slice, e.g. `v5e:2x2`, `v5p:2x2x1`, `v3-8`: no TPU needed, only libtpu."""
+    """Compile-only devices of a TPU slice, e.g. `v5e:2x2`, `v5p:2x2x1`, `v3-8`: no TPU needed, only libtpu.
+
+    v4 chips are laid out as their VMs run them, one device per chip (megacore); libtpu's default
+    would be one per TensorCore. Compiling touches no chip, so libtpu's one-process lock is waived.
+    """
     from jax.experimental import topologies
 
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    chip_config = {"chip_config_name": "megacore"} if name.startswith("v4") else {}
     try:
-        return list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
+        return list(topologies.get_topology_desc(topology_name=name, platform="tpu", **chip_config).devices)
     except RuntimeError as e:
         if "TPU support not installed" in str(e):
             raise UserError(f"--topology {name}: needs the libtpu wheel (pip install 'jax[tpu]=={jax.__version__}')") from None

@@ -61,7 +61,9 @@ def test_topology_without_libtpu_is_a_user_error():
 
 
 @pytest.mark.skipif(not HAS_LIBTPU, reason="compiling for a TPU topology needs the libtpu wheel")
-def test_an_unknown_topology_is_a_user_error():
+def test_topology_devices_are_one_per_chip_and_unknown_names_are_user_errors():
+    assert [(len(d), d[0].device_kind) for d in map(mfu.topology_devices, ("v4:2x2x1", "v5e:2x2", "v3-8"))] == [
+        (4, "TPU v4"), (4, "TPU v5 lite"), (8, "TPU v3")]  # v4 as megacore, like a v4-8 VM; v3 has 2 cores a chip
     with pytest.raises(UserError, match="--topology v5e:2x3"):
         mfu.topology_devices("v5e:2x3")
 
