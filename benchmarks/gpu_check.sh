@@ -85,6 +85,9 @@ if ! flags_ok "$TUNED_FLAGS"; then
   TUNED_FLAGS=${kept# }
 fi
 log "tuned XLA_FLAGS: '$TUNED_FLAGS'"
+# While profiling, XLA runs CUDA graphs op by op unless told otherwise: keep the step as it runs unprofiled.
+PROFILE_FLAGS="--xla_enable_command_buffers_during_profiling=true"
+flags_ok "$PROFILE_FLAGS" || { log "XLA rejects $PROFILE_FLAGS: profiling without it"; PROFILE_FLAGS=""; }
 flags_ok "$CUBLASLT_FLAGS" || { log "XLA rejects $CUBLASLT_FLAGS: the cublaslt variant runs without it"; CUBLASLT_FLAGS=""; }
 
 # --- 3. cuDNN attention vs the XLA reference at the published shape (benchmarks.attention_check), and
@@ -155,11 +158,12 @@ run_profile() {  # label batch remat scan: where the step's device time goes (be
   if [ $((SECONDS + 75)) -gt "$BUDGET_S" ]; then
     log "$label: skipped (time budget)"; record_failure "$label" skipped "time budget"; return
   fi
-  log "$label: start"
-  timeout -k 10 "$VARIANT_TIMEOUT_S" "$PY" -m benchmarks.profile_step \
+  log "$label: start (XLA_FLAGS='$PROFILE_FLAGS')"
+  XLA_FLAGS="$PROFILE_FLAGS" timeout -k 10 "$VARIANT_TIMEOUT_S" "$PY" -m benchmarks.profile_step \
     --config "configs/pretrain.py:$PRESET" $SHAPE --config.train.global_batch_size="$2" \
     --config.model.remat_policy="$3" --config.model.attention="$ATTN" --config.model.scan_layers="$4" \
-    --steps 3 --warmup 2 --json_out "$OUT/profile.jsonl" >"$WORK/$label.txt" 2>&1
+    --steps 3 --warmup 2 --top 25 --label "$label" --trace_dir "$OUT/profile_trace" \
+    --json_out "$OUT/profile.jsonl" >"$WORK/$label.txt" 2>&1
   rc=$?
   cat "$WORK/$label.txt" >>"$LOG"
   PROFILE_TABLE="$WORK/$label.txt"
@@ -220,7 +224,7 @@ fi
 # --- 5. the table, last ----------------------------------------------------------------------------------
 log "total ${SECONDS}s"
 if [ -n "$PROFILE_TABLE" ] && [ -s "$PROFILE_TABLE" ]; then  # the profile's own table (its JSON is in profile.jsonl)
-  echo; grep -v '^{' "$PROFILE_TABLE" | grep -v '^\s*$' | tail -40 | tee -a "$LOG"
+  echo; grep -v '^{' "$PROFILE_TABLE" | grep -v '^[IWE][0-9]' | grep -v '^\s*$' | tail -45 | tee -a "$LOG"
 fi
 "$PY" - "$RESULTS" "$ATTENTION_LINE" "$RESIDUALS_LINE" <<'EOF' | tee -a "$LOG"
 import json, sys
