@@ -53,21 +53,32 @@ def _barrier(name: str) -> None:
 
 
 class Preemption:
-    """SIGTERM sets a flag; every process agrees on it at step boundaries (all-gathered when multi-process)."""
+    """SIGTERM → a checkpoint at a step every process agrees on, then exit 0.
 
-    def __init__(self):
+    Several processes: JAX's preemption service (on by default with jax.distributed) catches SIGTERM
+    on any one of them — a scheduler may warn a single host — tells the others through the
+    coordination service, and names the step at which all of them save; asking costs no collective,
+    so it is asked at every step. One process: a Python handler sets a flag read at every step.
+    """
+
+    def __init__(self, fallback_every: int):
         self.requested = False
-        signal.signal(signal.SIGTERM, self._on_signal)
+        self.fallback_every = fallback_every
+        self.service = jax.process_count() > 1 and bool(jax.config.jax_enable_preemption_service)
+        if not self.service:
+            signal.signal(signal.SIGTERM, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
         self.requested = True
 
-    def agreed(self, synchronise: bool) -> bool:
+    def agreed(self, step: int) -> bool:
+        """Call at every step with the step just dispatched (every process from the same start)."""
+        if self.service:
+            return multihost_utils.reached_preemption_sync_point(step)
         if jax.process_count() == 1:
             return self.requested
-        if not synchronise:
-            return False
-        return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
+        # Several processes without the service: agree by an all-gather, at log steps only.
+        return step % self.fallback_every == 0 and bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
 
 
 def evaluate(trainer: Trainer, state: Any) -> dict[str, float]:
@@ -155,7 +166,7 @@ class Loop:
     def run(self) -> tuple[int, dict[str, float] | None, bool]:
         """Trains to `train.steps`; returns (final step, last eval metrics, preempted)."""
         config = self.config
-        preemption = Preemption()
+        preemption = Preemption(fallback_every=config.train.log_every)
         step = int(jax.device_get(self.state["step"]))
         self.throughput = Throughput(config, step)
         pending = None
@@ -168,7 +179,7 @@ class Loop:
                 self.absorb(*pending)
             pending = (step, metrics, batch_tokens(batch))
             last = step == config.train.steps
-            preempted = preemption.agreed(synchronise=step % config.train.log_every == 0)
+            preempted = preemption.agreed(step)
             do_eval = step % config.train.eval_every == 0 or last
             do_save = step % config.checkpoint.every == 0 or last or preempted
             if do_eval or do_save:
