@@ -27,21 +27,30 @@ from nucgpt.errors import UserError
 
 BACKENDS = ("auto", "xla", "cudnn", "splash")
 SPLASH_LANES = 128  # splash block sizes must be multiples of the TPU lane width
+# Mosaic has no bfloat16 matmul on these (CompileTimeMosaicUnsupportedRhsType): splash runs in float32 there.
+FLOAT32_SPLASH_DEVICES = ("TPU v2", "TPU v3")
 RESIDUALS_NAME = "attention_residuals"  # checkpoint name of splash's forward output and statistics
 _MASKED = -1e30
 
 
-def mesh_platform(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None) -> str:
-    """The platform the code is compiled for: the mesh's devices, else the host's default backend.
+def mesh_device(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None) -> tuple[str, str]:
+    """(platform, device kind) the code is compiled for: the mesh's devices, else the host's.
 
     They differ when compiling ahead of time for TPU devices that are not present (a CPU host
     lowering for a `jax.experimental.topologies` mesh): the kernels must be the TPU ones. An
-    abstract mesh built without devices names no platform, so it also means the host's.
+    abstract mesh built without devices names none, so it also means the host's.
     """
     if isinstance(mesh, jax.sharding.Mesh):
-        return mesh.devices.flat[0].platform
+        mesh = mesh.abstract_mesh
     device = None if mesh is None else mesh.abstract_device
-    return jax.default_backend() if device is None else device.platform
+    if device is None:
+        return jax.default_backend(), jax.devices()[0].device_kind
+    return device.platform, device.device_kind
+
+
+def mesh_platform(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None) -> str:
+    """The platform half of `mesh_device`."""
+    return mesh_device(mesh)[0]
 
 
 def compile_platform() -> str:
@@ -176,10 +185,14 @@ def _splash_local(block_q, block_kv, interpret, q_BxHxLxK, k_BxGxLxK, v_BxGxLxK,
 
 def _splash(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, block_q, block_kv):
     """Splash under `jax.shard_map`: each device runs the kernel on its batch rows and heads."""
-    q_BxHxLxK, k_BxGxLxK, v_BxGxLxK = (x.transpose(0, 2, 1, 3) for x in (q_BxLxHxK, k_BxLxGxK, v_BxLxGxK))
-    args = (q_BxHxLxK, k_BxGxLxK, v_BxGxLxK) + (() if segment_ids_BxL is None else (segment_ids_BxL,))
     mesh = sharding.active_mesh()
-    local = functools.partial(_splash_local, block_q, block_kv, mesh_platform(mesh) != "tpu")
+    platform, device_kind = mesh_device(mesh)
+    kernel_dtype = jnp.float32 if device_kind in FLOAT32_SPLASH_DEVICES else q_BxLxHxK.dtype
+    q_BxHxLxK, k_BxGxLxK, v_BxGxLxK = (
+        x.astype(kernel_dtype).transpose(0, 2, 1, 3) for x in (q_BxLxHxK, k_BxLxGxK, v_BxLxGxK)
+    )
+    args = (q_BxHxLxK, k_BxGxLxK, v_BxGxLxK) + (() if segment_ids_BxL is None else (segment_ids_BxL,))
+    local = functools.partial(_splash_local, block_q, block_kv, platform != "tpu")
     if mesh is None:
         out_BxHxLxK = local(*args)
     else:
@@ -198,4 +211,4 @@ def _splash(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, block_q, block_kv)
         segment_spec = jax.sharding.PartitionSpec(q_spec[0], None)
         in_specs = (q_spec, kv_spec, kv_spec) + (() if segment_ids_BxL is None else (segment_spec,))
         out_BxHxLxK = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=q_spec, check_vma=False)(*args)
-    return out_BxHxLxK.transpose(0, 2, 1, 3)
+    return out_BxHxLxK.transpose(0, 2, 1, 3).astype(q_BxLxHxK.dtype)
