@@ -227,13 +227,23 @@ def topology_devices(name: str) -> list:
 def dry_run(config: ConfigDict) -> dict[str, Any]:
     """Compiles the step for abstract state and batch: what it would need, without allocating it.
 
-    With `--topology`, for TPU devices that need not exist (JAX's ahead-of-time topologies).
+    With `--topology`, for TPU devices that need not exist (JAX's ahead-of-time topologies). A step
+    the TPU compiler cannot fit in HBM gives an out-of-memory record (the compiler's message says by
+    how much), as a run would.
     """
     devices = topology_devices(FLAGS.topology) if FLAGS.topology else None
     trainer = build_trainer(config, devices)
     device = trainer.mesh.devices.flat[0]
     compile_start = time.perf_counter()
-    compiled = trainer.train_step.lower(trainer.abstract_state, trainer.abstract_batch()).compile()
+    try:
+        compiled = trainer.train_step.lower(trainer.abstract_state, trainer.abstract_batch()).compile()
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        message = str(e).splitlines()[0][:300]
+        return out_of_memory_record(config, OutOfMemory(message)) | dict(
+            dry_run=True, device_kind=device.device_kind, num_devices=trainer.mesh.size, topology=FLAGS.topology or None
+        )
     tokens = config.train.global_batch_size * config.train.seq_len
     return dict(
         dry_run=True,
@@ -254,6 +264,9 @@ def dry_run(config: ConfigDict) -> dict[str, Any]:
 
 
 def format_dry_run(record: dict[str, Any]) -> str:
+    if record.get("error") == "out_of_memory":
+        return (f"dry run: {record['variant']} on {record['num_devices']} x {record['device_kind']} does not fit "
+                f"in device memory: {record['message']}")
     gib = lambda n: f"{n / 2**30:.2f} GiB"
     memory = record["compiled_memory"] or {}
     lines = [
@@ -332,6 +345,8 @@ def main(argv):
         record = dry_run(config)
         print(format_dry_run(record), flush=True)
         report.write_json(record, FLAGS.json_out)
+        if record.get("error") == "out_of_memory":
+            sys.exit(EXIT_OUT_OF_MEMORY)
         return
     if FLAGS.sweep:
         records = sweep(config)
