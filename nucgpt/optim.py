@@ -3,7 +3,7 @@
 Gradient accumulation lives in the train step (one optimizer update per train step), not here.
 """
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import optax
@@ -39,9 +39,18 @@ def decay_mask(params: Any, decay_norms_and_embeddings: bool) -> Any:
     return jax.tree_util.tree_map_with_path(is_decayed, params)
 
 
-def make_optimizer(optim: ConfigDict, steps: int) -> optax.GradientTransformation:
+def path_names(path) -> tuple[str, ...]:
+    """A tree path as plain names: ('trunk', 'blocks', '0', 'wq')."""
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def make_optimizer(
+    optim: ConfigDict, steps: int, trainable: Callable[[tuple[str, ...]], bool] | None = None
+) -> optax.GradientTransformation:
+    """AdamW as configured; with `trainable(path names) -> bool`, parameters it rejects are frozen:
+    their update is exactly zero (weight decay included) and they get no Adam moments."""
     schedule = learning_rate_schedule(optim, steps)
-    return optax.chain(
+    tx = optax.chain(
         optax.clip_by_global_norm(optim.clip_norm) if optim.clip_norm > 0 else optax.identity(),
         optax.adamw(
             learning_rate=schedule,
@@ -52,3 +61,9 @@ def make_optimizer(optim: ConfigDict, steps: int) -> optax.GradientTransformatio
             mask=lambda params: decay_mask(params, optim.decay_norms_and_embeddings),
         ),
     )
+    if trainable is None:
+        return tx
+    # Decided per path, so it also answers for optax's whole-tree placeholder (empty path: trainable).
+    trained = lambda params: jax.tree_util.tree_map_with_path(lambda path, _: trainable(path_names(path)), params)
+    frozen = lambda params: jax.tree_util.tree_map_with_path(lambda path, _: not trainable(path_names(path)), params)
+    return optax.chain(optax.masked(tx, trained), optax.masked(optax.set_to_zero(), frozen))

@@ -99,9 +99,15 @@ def _param_shardings(task: Task, config: ConfigDict, mesh: Mesh):
 
 
 def _opt_shardings(tx: optax.GradientTransformation, abstract_params, param_shardings, replicated):
+    """Each parameter-shaped optimizer leaf (Adam moments) sharded as its parameter; the rest replicated.
+
+    Frozen parameters (a task's `trainable`) hold `optax.MaskedNode`s instead of moments: kept as is.
+    """
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    masked = lambda x: isinstance(x, optax.MaskedNode)
     return optax.tree_map_params(
-        tx, lambda _, s: s, abstract_opt, param_shardings, transform_non_params=lambda _: replicated
+        tx, lambda leaf, s: leaf if masked(leaf) else s, abstract_opt, param_shardings,
+        transform_non_params=lambda _: replicated, is_leaf=masked,
     )
 
 
@@ -114,7 +120,7 @@ def build_trainer(config: ConfigDict, mesh: Mesh | None = None) -> Trainer:
     task = get_task(config.task)
     mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
     replicated = NamedSharding(mesh, P())
-    tx = optim.make_optimizer(config.optim, config.train.steps)
+    tx = optim.make_optimizer(config.optim, config.train.steps, trainable=task.trainable(config))
     schedule = optim.learning_rate_schedule(config.optim, config.train.steps)
 
     rules = config.mesh.logical_axis_rules

@@ -186,3 +186,25 @@ def test_init_from_loads_the_pretrained_trunk_and_keeps_the_fresh_head(tmp_path,
     loaded = TASK.initial_params(config, fresh, jax.tree.map(lambda _: device, fresh))
     jax.tree.map(np.testing.assert_array_equal, loaded["trunk"], pretrained_params)
     jax.tree.map(np.testing.assert_array_equal, loaded["head"], fresh["head"])
+
+
+def test_freeze_trunk_with_weight_decay_updates_the_head_only(tsv_table):
+    """Weight decay would shrink a frozen trunk through zero gradients; the optimizer must skip it instead."""
+    config = small_config(tsv_table, steps=3)
+    config.classify.freeze_trunk = True
+    config.optim.update(weight_decay=0.1, warmup_steps=0)
+    TASK.validate(config)
+    trainer = step.build_trainer(config)
+    state = trainer.init_state()
+    before = jax.device_get(state["params"])
+    iterator = TASK.train_iterator(config, 0, 1)
+    for _ in range(3):
+        state, _ = trainer.train_step(state, trainer.global_batch(next(iterator)))
+    after = jax.device_get(state["params"])
+    for a, b in zip(jax.tree.leaves(before["trunk"]), jax.tree.leaves(after["trunk"])):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before["head"]), jax.tree.leaves(after["head"])))
+    # No Adam moments are kept for the frozen trunk: the optimizer state holds the head's only.
+    moments = sum(x.size for x in jax.tree.leaves(state["opt_state"]) if x.ndim > 0)
+    head = sum(x.size for x in jax.tree.leaves(after["head"]))
+    assert moments == 2 * head

@@ -53,8 +53,8 @@ class ClassificationHead(nnx.Module):
 class TransformerClassifier(nnx.Module):
     """A transformer trunk (pretrained or fresh) with a classification head on its pooled output.
 
-    `freeze_trunk` stops gradients at the trunk's output, so the backward pass skips the trunk;
-    with no weight decay (the classify task insists) AdamW then leaves the trunk exactly as loaded.
+    `freeze_trunk` stops gradients at the trunk's output, so the backward pass skips the trunk; the
+    classify task also keeps the optimizer (and its weight decay) off the trunk's parameters.
     """
 
     def __init__(self, trunk: nnx.Module, d_model: int, num_classes: int, *, pooling: str, freeze_trunk: bool,

@@ -34,7 +34,7 @@ The contract, in the order the trainer uses it:
 
 import abc
 import importlib
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -64,6 +64,10 @@ class Task(abc.ABC):
 
     def initial_params(self, config: ConfigDict, params: Any, shardings: Any) -> Any:
         return params
+
+    def trainable(self, config: ConfigDict) -> Callable[[tuple[str, ...]], bool] | None:
+        """A parameter's path names → whether it trains (False: never updated, no optimizer state); None: all train."""
+        return None
 
     @abc.abstractmethod
     def loss(self, model: nnx.Module, batch: Mapping[str, jax.Array], config: ConfigDict) -> tuple[jax.Array, Stats]: ...

@@ -111,9 +111,6 @@ class ClassifyTask(Task):
         tokenizer = get_tokenizer(config.data.tokenizer, pad_multiple=config.data.kmer_pad_multiple)
         if config.model.vocab_size < tokenizer.vocab_size:
             raise UserError(f"model.vocab_size: {config.model.vocab_size} is smaller than the {tokenizer.name} vocabulary ({tokenizer.vocab_size})")
-        if config.classify.freeze_trunk and config.optim.weight_decay > 0:
-            # Zero gradients keep AdamW from moving a parameter only when there is no decoupled decay.
-            raise UserError("classify.freeze_trunk: needs optim.weight_decay=0, or weight decay would still shrink the trunk")
         if config.classify.freeze_trunk and config.model.kind != "transformer":
             raise UserError("classify.freeze_trunk: only a transformer has a trunk to freeze")
         if config.init_from:
@@ -140,6 +137,12 @@ class ClassifyTask(Task):
             pooling=config.classify.pooling, freeze_trunk=config.classify.freeze_trunk,
             init_std=config.model.init_std, rngs=rngs,
         )
+
+    def trainable(self, config: ConfigDict):
+        """With classify.freeze_trunk only the head is updated: the trunk stays exactly as loaded."""
+        if not config.classify.freeze_trunk:
+            return None
+        return lambda names: names[:1] != ("trunk",)
 
     def initial_params(self, config: ConfigDict, params, shardings):
         """A fresh fine-tune takes its trunk from `init_from`; the head stays freshly initialised."""
