@@ -124,14 +124,14 @@ def test_kill_9_then_resume_is_bit_identical(reference_run, genome, tmp_path):
 
 
 def test_a_changed_model_in_the_same_workdir_stops_without_touching_it(reference_run, genome):
-    """The checkpoints hold another model's shapes: exit 2 with one line; checkpoints and config.json stay."""
+    """The checkpoints hold another model: exit 2 with one line naming the field; checkpoints and config.json stay."""
     workdir, _ = reference_run
     config_before = (workdir / "config.json").read_text()
     result = run_train(workdir, genome, "--config.train.steps=16", "--config.model.mlp_dim=128")
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.strip().splitlines() == [
-        f"error: checkpoint {workdir}/checkpoints/12 does not match the config: params/blocks/w_down has shape (2, 64, 32) "
-        f"in the checkpoint, (2, 128, 32) in the config; use a new --workdir, or the settings in {workdir}/config.json"
+        f"error: checkpoint {workdir}/checkpoints/12 does not match the config: model.mlp_dim=128 but the checkpoint "
+        f"has 64; use a new --workdir, or the settings in {workdir}/config.json"
     ]
     assert sorted(os.listdir(workdir / "checkpoints")) == ["12", "8"]
     assert (workdir / "config.json").read_text() == config_before
