@@ -157,7 +157,8 @@ def nucleotide_gpt_500m(c: ConfigDict) -> None:
 
     Unrolled layers without remat: the fastest measured on an H100 (benchmarks/NOTES.md); an 80 GB
     GPU holds 8 sequences (56 GiB), so one GPU runs it with `--config.train.grad_accum_steps=2`.
-    On 16 GB TPU v3 cores use `--config.model.remat_policy=save_matmuls` (`--dry_run` shows memory).
+    Compiled offline for a TPU v3-8 (benchmarks/NOTES.md), batch 16 plans 12.8 GiB of a core's 16 with
+    no remat and 9.7 GiB with `--config.model.remat_policy=save_matmuls` (the safer margin).
     """
     c.model.update(scan_layers=False, remat_policy="none")
 

@@ -1,4 +1,5 @@
-"""Training FLOPs per token and peak FLOP/s per device: the two halves of MFU.
+"""Training FLOPs per token and peak FLOP/s per device (the two halves of MFU), and the trainer's
+throughput meter that divides them.
 
 Counted: every matmul, times 6 for training (2 forward, 4 backward: gradients of activations and
 of weights). Not counted: norms, softmax, activations, rotary embeddings, the embedding lookup
@@ -7,7 +8,9 @@ of weights). Not counted: norms, softmax, activations, rotary embeddings, the em
 
 from __future__ import annotations
 
-from typing import Any
+import math
+import time
+from typing import Any, Mapping
 
 import jax
 import ml_collections
@@ -61,3 +64,36 @@ def peak_flops_per_device(device_kind: str) -> float | None:
 def count_params(abstract_state: Any) -> int:
     """Total elements over a (possibly abstract) state; nothing is allocated."""
     return int(sum(np.prod(x.shape, dtype=np.int64) for x in jax.tree.leaves(abstract_state)))
+
+
+class Throughput:
+    """tokens/s and MFU over a window of steps (MFU is None where the device's peak is unknown).
+
+    Tokens are counted from each batch's real shape, so length-bucketed fine-tuning batches shorter
+    than train.seq_len are not counted at full length.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, start_step: int):
+        flops_per_token = train_flops_per_token(config.model, config.train.seq_len) if config.task == "pretrain" else None
+        peak = peak_flops_per_device(jax.devices()[0].device_kind)
+        self.peak_total = peak * jax.device_count() if peak and flops_per_token else None
+        self.flops_per_token = flops_per_token
+        self.restart(start_step)
+
+    def restart(self, step: int) -> None:
+        self.step, self.time, self.tokens = step, time.perf_counter(), 0
+
+    def count(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def measure(self, step: int) -> dict[str, float | None]:
+        now = time.perf_counter()
+        tokens_per_sec = self.tokens / max(now - self.time, 1e-9)
+        self.restart(step)
+        mfu = tokens_per_sec * self.flops_per_token / self.peak_total if self.peak_total else None
+        return {"tokens_per_sec": tokens_per_sec, "mfu": mfu}
+
+
+def batch_tokens(batch: Mapping[str, jax.Array]) -> int:
+    """Token positions the step computes: global rows × the batch's sequence length."""
+    return max(math.prod(v.shape[:2]) for v in batch.values())

@@ -25,9 +25,10 @@ from jax.experimental import multihost_utils
 from ml_collections import ConfigDict, config_flags
 
 from nucgpt import config as config_lib
-from nucgpt import diagnostics, distributed, flops, sharding
+from nucgpt import diagnostics, distributed, sharding
 from nucgpt.checkpoint import Checkpoints, latest_step_dir, save_config
 from nucgpt.errors import EXIT_USER_ERROR, UserError, exits_cleanly_on_user_error
+from nucgpt.flops import Throughput, batch_tokens
 from nucgpt.metrics_log import MetricsLogger
 from nucgpt.step import Trainer, build_trainer
 from nucgpt.tasks import Task, get_task
@@ -92,39 +93,6 @@ def evaluate(trainer: Trainer, state: Any) -> dict[str, float]:
     if total is None:
         raise UserError(f"data.eval_split: the {config.data.eval_split!r} split yielded no batches")
     return task.finalize_metrics(total, config)
-
-
-class Throughput:
-    """tokens/s and MFU over a window of steps (MFU is None where the device's peak is unknown).
-
-    Tokens are counted from each batch's real shape, so length-bucketed fine-tuning batches shorter
-    than train.seq_len are not counted at full length.
-    """
-
-    def __init__(self, config: ConfigDict, start_step: int):
-        flops_per_token = flops.train_flops_per_token(config.model, config.train.seq_len) if config.task == "pretrain" else None
-        peak = flops.peak_flops_per_device(jax.devices()[0].device_kind)
-        self.peak_total = peak * jax.device_count() if peak and flops_per_token else None
-        self.flops_per_token = flops_per_token
-        self.restart(start_step)
-
-    def restart(self, step: int) -> None:
-        self.step, self.time, self.tokens = step, time.perf_counter(), 0
-
-    def count(self, tokens: int) -> None:
-        self.tokens += tokens
-
-    def measure(self, step: int) -> dict[str, float | None]:
-        now = time.perf_counter()
-        tokens_per_sec = self.tokens / max(now - self.time, 1e-9)
-        self.restart(step)
-        mfu = tokens_per_sec * self.flops_per_token / self.peak_total if self.peak_total else None
-        return {"tokens_per_sec": tokens_per_sec, "mfu": mfu}
-
-
-def batch_tokens(batch: Mapping[str, jax.Array]) -> int:
-    """Token positions the step computes: global rows × the batch's sequence length."""
-    return max(math.prod(v.shape[:2]) for v in batch.values())
 
 
 class Loop:

@@ -197,7 +197,7 @@ def test_dry_run_of_the_500m_preset_compiles_without_allocating(tmp_path):
 def test_throughput_counts_each_batch_at_its_own_length():
     """Length-bucketed fine-tuning batches count their bucket's length, not train.seq_len."""
     from configs.pretrain import get_config
-    from nucgpt.train import Throughput, batch_tokens
+    from nucgpt.flops import Throughput, batch_tokens
 
     assert batch_tokens({"inputs": np.zeros((8, 64)), "labels": np.zeros(8)}) == 8 * 64
     config = get_config("demo")
