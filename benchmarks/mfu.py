@@ -42,6 +42,7 @@ from benchmarks import report
 from nucgpt import config as config_checks
 from nucgpt import flops, sharding, step
 from nucgpt.errors import UserError, exits_cleanly_on_user_error
+from nucgpt.model.attention import mesh_platform
 
 config_flags.DEFINE_config_file("config", None, "configs/pretrain.py:<preset>", lock_config=True)
 flags.DEFINE_integer("steps", 10, "timed steps")
@@ -156,7 +157,7 @@ def common_fields(config: ConfigDict) -> dict[str, Any]:
 def build_trainer(config: ConfigDict, devices: list | None = None) -> step.Trainer:
     """The training run's trainer, after the checks `nucgpt.train` makes (data fields aside: no data is read)."""
     mesh = sharding.make_mesh(config.mesh, devices)
-    config_checks.validate(config, mesh_shape(mesh), jax.process_count())
+    config_checks.validate(config, mesh_shape(mesh), jax.process_count(), mesh_platform(mesh))
     return step.build_trainer(config, mesh)
 
 

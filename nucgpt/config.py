@@ -66,8 +66,14 @@ def _has(config: ConfigDict, dotted: str) -> bool:
         return False
 
 
-def problems(config: ConfigDict, mesh_shape: Mapping[str, int] | None = None, process_count: int = 1) -> list[str]:
-    """Every problem with `config`, one `field: reason` string each (empty when the config is good)."""
+def problems(
+    config: ConfigDict, mesh_shape: Mapping[str, int] | None = None, process_count: int = 1, platform: str | None = None
+) -> list[str]:
+    """Every problem with `config`, one `field: reason` string each (empty when the config is good).
+
+    `platform` is the one the step is compiled for (the mesh's: TPU when compiling ahead of time on
+    a CPU host); it decides which kernel `model.attention=auto` means. Default: the host's.
+    """
     out: list[str] = []
     for key, choices in CHOICES.items():
         if _has(config, key) and get(config, key) not in choices:
@@ -88,7 +94,7 @@ def problems(config: ConfigDict, mesh_shape: Mapping[str, int] | None = None, pr
         if m.head_dim % 2:
             out.append(f"model.head_dim: {m.head_dim} must be even for rotary embeddings")
         try:  # the attention module's own rule for the backend `auto` resolves to on this platform
-            attention.check_shapes(attention.resolve_backend(m.attention), t.seq_len, m.head_dim, m.splash_block_q, m.splash_block_kv)
+            attention.check_shapes(attention.resolve_backend(m.attention, platform), t.seq_len, m.head_dim, m.splash_block_q, m.splash_block_kv)
         except UserError as e:
             out.append(f"train.seq_len: {t.seq_len} with model.attention={m.attention!r}: {e}")
     if _has(config, "data.tokenizer"):
@@ -121,7 +127,9 @@ def problems(config: ConfigDict, mesh_shape: Mapping[str, int] | None = None, pr
     return out
 
 
-def validate(config: ConfigDict, mesh_shape: Mapping[str, int] | None = None, process_count: int = 1) -> None:
-    found = problems(config, mesh_shape, process_count)
+def validate(
+    config: ConfigDict, mesh_shape: Mapping[str, int] | None = None, process_count: int = 1, platform: str | None = None
+) -> None:
+    found = problems(config, mesh_shape, process_count, platform)
     if found:
         raise UserError("; ".join(found) if len(found) > 1 else found[0])

@@ -30,6 +30,7 @@ from nucgpt.checkpoint import Checkpoints, latest_step_dir, save_config
 from nucgpt.errors import EXIT_USER_ERROR, UserError, exits_cleanly_on_user_error
 from nucgpt.flops import Throughput, batch_tokens
 from nucgpt.metrics_log import MetricsLogger
+from nucgpt.model.attention import mesh_platform
 from nucgpt.step import Trainer, build_trainer
 from nucgpt.tasks import Task, get_task
 
@@ -272,7 +273,7 @@ def main(argv) -> None:
     task = get_task(config.task)
     config = task.resolve_config(config, workdir)
     mesh = sharding.make_mesh(config.mesh)
-    config_lib.validate(config, dict(mesh.shape), jax.process_count())
+    config_lib.validate(config, dict(mesh.shape), jax.process_count(), mesh_platform(mesh))
     if _DRY_RUN.value:
         dry_run(config, mesh)
         return

@@ -47,6 +47,15 @@ def test_bad_field_is_named(change, field):
     assert any(p.startswith(field + ":") for p in found), found
 
 
+def test_attention_auto_is_checked_for_the_platform_the_step_is_compiled_for():
+    """A CPU host compiling for a TPU mesh checks splash's block rule; the host's own xla has none."""
+    c = demo()
+    c.train.update(seq_len=640)  # not a multiple of splash's 512-token blocks
+    assert config_lib.problems(c, MESH_8, platform="cpu") == []
+    found = config_lib.problems(c, MESH_8, platform="tpu")
+    assert any(p.startswith("train.seq_len:") and "splash" in p for p in found), found
+
+
 def test_tensor_parallelism_must_divide_heads():
     c = demo()
     c.model.update(num_heads=4, num_kv_heads=4)
