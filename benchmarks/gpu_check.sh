@@ -193,7 +193,8 @@ run_hf() {  # mode(eager|compile) batch
 # Measured on an H100 (benchmarks/NOTES.md): unrolled layers beat scanned by 8-10%, remat none fits batch 8
 # (RMSNorm and GeLU recompute on their own), default XLA flags beat the tuned set by ~2%. Since then: the
 # embedding is a one-hot matmul (A/B: gather), steps are timed pipelined as the trainer runs them (A/B inside
-# the first variant via --compare_timing), and cuBLASLt (GeLU epilogue fusion) is a candidate flag.
+# the first variant via --compare_timing), and cuBLASLt (GeLU epilogue fusion) and RMSNorm's hand-written
+# backward (model.norm_backward=saved_rsqrt) are candidates.
 # GPU_CHECK_VARIANTS overrides the list: space-separated "label:batch:remat:scan:flagset[:extra,args]" for our
 # step and "hf:mode:batch" for the peer, e.g. GPU_CHECK_VARIANTS="b4u:4:save_matmuls:false:default hf:compile:4".
 if [ -n "${GPU_CHECK_VARIANTS:-}" ]; then
@@ -205,6 +206,7 @@ elif [ "$SMOKE" = 1 ]; then
   run_mfu b8_none_default 8 none false default --compare_timing
   run_hf compile 8
   run_profile b8_none_profile 8 none false
+  run_mfu b8_none_normvjp 8 none false default --config.model.norm_backward=saved_rsqrt
   run_mfu b8_none_gather 8 none false default --config.model.embedding_lookup=gather
   run_mfu b8_none_cublaslt 8 none false cublaslt
   run_mfu b8_smc_scan_tuned 8 save_matmuls true tuned
@@ -213,6 +215,7 @@ else
   run_mfu b8u_none_default 8 none false default --compare_timing
   run_hf compile 4
   run_profile b8u_none_profile 8 none false
+  run_mfu b8u_none_normvjp 8 none false default --config.model.norm_backward=saved_rsqrt
   run_mfu b8u_none_gather 8 none false default --config.model.embedding_lookup=gather
   run_mfu b8u_none_cublaslt 8 none false cublaslt
   big_memory && run_mfu b16u_none_default 16 none false default

@@ -147,6 +147,7 @@ def test_remat_policies_keep_loss_and_grads(policy):
         (dict(norm_placement="post"), "norm_placement"),
         (dict(remat_policy="everything"), "remat_policy"),
         (dict(embedding_lookup="hash"), "model.embedding_lookup"),
+        (dict(norm_backward="fused"), "model.norm_backward"),
         (dict(attention="flash"), "model.attention"),
         (dict(d_model=0), "model.d_model"),
     ],
@@ -182,3 +183,37 @@ def test_one_hot_embedding_equals_gather_in_values_and_gradients(vocab):
     # auto: one-hot for the nucleotide vocabulary (no scatter in the backward), gather for 6-mers.
     backward = jax.jit(jax.grad(loss), static_argnums=1).lower(table, "auto").as_text()
     assert ("scatter" in backward) == (vocab == 4098)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
+def test_saved_rsqrt_norm_has_the_recomputed_norms_values_and_gradients(dtype, tolerance):
+    """The hand-written RMSNorm backward agrees with autodiff through the recomputed forward."""
+    from nucgpt.model.transformer import rms_norm
+
+    x = (3.0 * jax.random.normal(jax.random.key(1), (2, 8, 64))).astype(dtype)
+    scale = 1.0 + 0.1 * jax.random.normal(jax.random.key(2), (64,))
+    probe = jax.random.normal(jax.random.key(3), (2, 8, 64))
+
+    def loss(x, scale, backward):
+        return jnp.sum(rms_norm(x, scale, 1e-6, backward).astype(jnp.float32) * probe)
+
+    values = {b: rms_norm(x, scale, 1e-6, b) for b in ("recompute", "saved_rsqrt")}
+    grads = {b: jax.grad(loss, argnums=(0, 1))(x, scale, b) for b in ("recompute", "saved_rsqrt")}
+    np.testing.assert_array_equal(values["saved_rsqrt"], values["recompute"])
+    assert grads["saved_rsqrt"][0].dtype == dtype and grads["saved_rsqrt"][1].dtype == jnp.float32
+    assert max_relative_error(grads["saved_rsqrt"], grads["recompute"]) < tolerance
+
+
+@pytest.mark.parametrize("scan, policy", [(True, "none"), (False, "save_matmuls")])
+def test_saved_rsqrt_norm_keeps_the_models_loss_and_gradients(scan, policy):
+    _, _, loss, grads = reference()
+    model = Transformer(tiny_cfg(norm_backward="saved_rsqrt", scan_layers=scan, remat_policy=policy), rngs=nnx.Rngs(0))
+    if not scan:
+        _unstack_into(model, reference()[1])
+    loss_n, grads_n = loss_and_grads(*nnx.split(model), *make_batch())
+    assert abs(float(loss_n - loss)) <= 1e-6 * abs(float(loss))
+    grads_n = nnx.to_pure_dict(grads_n)
+    if not scan:
+        per_layer = grads_n.pop("blocks")
+        grads_n["blocks"] = jax.tree.map(lambda *xs: np.stack(xs), *[per_layer[i] for i in range(2)])
+    assert max_relative_error(grads_n, nnx.to_pure_dict(grads)) < 1e-5
