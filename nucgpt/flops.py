@@ -25,13 +25,18 @@ def matmul_params(model_cfg: ml_collections.ConfigDict) -> int:
     return model_cfg.num_layers * (attention + mlp)
 
 
-def train_flops_per_token(model_cfg: ml_collections.ConfigDict, seq_len: int) -> float:
-    """6 × matmul params + causal attention 6·layers·S·H_q·head_dim + unembedding 6·d_model·vocab.
+def attention_train_flops_per_token(seq_len: int, num_heads: int, head_dim: int) -> float:
+    """One layer's causal attention, forward + backward: 6·S·H_q·head_dim.
 
-    Causal attention: QKᵀ and AV cost 2·S·H_q·head_dim each per token with the full [S, S] square;
-    the causal half is what a flash kernel computes, and ×3 covers the backward pass.
+    QKᵀ and AV cost 2·S·H_q·head_dim each per token with the full [S, S] square; the causal half is
+    what a flash kernel computes, and ×3 covers the backward pass.
     """
-    attention = 6 * model_cfg.num_layers * seq_len * model_cfg.num_heads * model_cfg.head_dim
+    return 6.0 * seq_len * num_heads * head_dim
+
+
+def train_flops_per_token(model_cfg: ml_collections.ConfigDict, seq_len: int) -> float:
+    """6 × matmul params + causal attention 6·layers·S·H_q·head_dim + unembedding 6·d_model·vocab."""
+    attention = model_cfg.num_layers * attention_train_flops_per_token(seq_len, model_cfg.num_heads, model_cfg.head_dim)
     unembedding = 6 * model_cfg.d_model * model_cfg.vocab_size
     return float(6 * matmul_params(model_cfg) + attention + unembedding)
 
