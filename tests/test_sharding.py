@@ -75,15 +75,20 @@ def test_parameters_are_initialised_into_the_shards_the_rules_name():
     assert max_relative_error(jax.device_get(state), reference()[1]) < 1e-6  # jit vs eager rounding
 
 
-def test_loss_and_grads_match_one_device_on_every_mesh():
+@pytest.mark.parametrize("norm_backward, meshes", [
+    ("recompute", ((8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2))),
+    ("saved_rsqrt", ((2, 2, 2),)),  # the hand-written RMSNorm backward's row and column sums, sharded
+])
+def test_loss_and_grads_match_one_device_on_every_mesh(norm_backward, meshes):
     """One training-step gradient per mesh, jitted with explicit in/out shardings as the trainer runs it."""
-    graphdef, state, reference_loss, reference_grads = reference()
+    _, state, reference_loss, reference_grads = reference()
+    graphdef, _ = nnx.split(Transformer(tiny_cfg(norm_backward=norm_backward), rngs=nnx.Rngs(0)))
     tokens, targets = make_batch()
 
     def loss_fn(state, tokens, targets):
         return cross_entropy(nnx.merge(graphdef, state)(tokens), targets)
 
-    for shape in ((8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2)):
+    for shape in meshes:
         mesh = sharding.make_mesh(mesh_cfg(*shape))
         shardings = sharding.state_shardings(state, mesh, FSDP_RULES)
         batch = NamedSharding(mesh, sharding.logical_to_mesh_spec(("batch", "length"), FSDP_RULES))
