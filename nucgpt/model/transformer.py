@@ -121,14 +121,19 @@ def _rms_norm_forward(x_BxLxD, scale_D, eps):
 
 
 def _rms_norm_backward(eps, saved, grad_BxLxD):
-    """d/dx of s·x·r with r = (mean(x²) + eps)^-½:  r·(g·s − n·mean(g·s·n)),  n = x·r."""
+    """d/dx of s·x·r with r = (mean(x²) + eps)^-½:  r·g·s − x·r³·mean(g·s·x).
+
+    Written with x (not the normalised x·r) so that no full-size intermediate is used twice: each
+    output is one pass over x and the gradient (plus one row reduction for the first).
+    """
     del eps
     x_BxLxD, scale_D, rsqrt_BxLx1 = saved
-    normed = x_BxLxD.astype(jnp.float32) * rsqrt_BxLx1
+    x = x_BxLxD.astype(jnp.float32)
     grad = grad_BxLxD.astype(jnp.float32)
     grad_scaled = grad * scale_D.astype(jnp.float32)
-    grad_x = rsqrt_BxLx1 * (grad_scaled - normed * jnp.mean(grad_scaled * normed, axis=-1, keepdims=True))
-    grad_scale = jnp.sum(grad * normed, axis=tuple(range(grad.ndim - 1)))
+    row_BxLx1 = jnp.mean(grad_scaled * x, axis=-1, keepdims=True) * rsqrt_BxLx1**3
+    grad_x = rsqrt_BxLx1 * grad_scaled - x * row_BxLx1
+    grad_scale = jnp.sum(grad * x * rsqrt_BxLx1, axis=tuple(range(grad.ndim - 1)))
     return grad_x.astype(x_BxLxD.dtype), grad_scale.astype(scale_D.dtype)
 
 
