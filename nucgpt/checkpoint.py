@@ -145,10 +145,10 @@ class Checkpoints:
         Each step's stored shapes, and with `config` its stored task, architecture and tokenizer, are
         compared with the run's first: a checkpoint written by a different model (the config changed,
         same workdir) is a UserError, never skipped, so its work is not overwritten by a fresh run.
-        Hyperparameters (learning rate, steps, repeat weight, ...) may change between runs. A checkpoint whose files are missing or unreadable
-        (corrupt or partial) is reported and the previous one is tried. The data iterator's position
-        is restored too when the checkpoint was written by the same number of processes; otherwise
-        the data restarts, which is said.
+        Hyperparameters (learning rate, steps, repeat weight, ...) may change between runs. A
+        checkpoint whose files are missing or unreadable (corrupt or partial) is reported and the
+        previous one is tried. The data iterator's position is restored too when the checkpoint was
+        written by the same number of processes; otherwise the data restarts, which is said.
         """
         steps = sorted(self.manager.all_steps(), reverse=True)
         targets = {"params": abstract_state["params"], "train": {"step": abstract_state["step"], "opt_state": abstract_state["opt_state"]}}
