@@ -117,16 +117,21 @@ def _unstack_into(unrolled: Transformer, scanned_state: nnx.State) -> None:
     nnx.update(unrolled, state)
 
 
+def _restacked(unrolled_grads) -> dict:
+    """An unrolled model's gradients as a pure dict with the blocks stacked, as the scanned model holds them."""
+    grads = nnx.to_pure_dict(unrolled_grads)
+    per_layer = grads.pop("blocks")
+    grads["blocks"] = jax.tree.map(lambda *xs: np.stack(xs), *[per_layer[i] for i in range(len(per_layer))])
+    return grads
+
+
 def test_unrolled_with_full_remat_matches_scanned():
     graphdef, state, loss, grads = reference()
     unrolled = Transformer(tiny_cfg(scan_layers=False, remat_policy="full"), rngs=nnx.Rngs(1))
     _unstack_into(unrolled, state)
     loss_u, grads_u = loss_and_grads(*nnx.split(unrolled), *make_batch())
     assert abs(float(loss_u - loss)) <= 1e-6 * abs(float(loss))
-    grads_u = nnx.to_pure_dict(grads_u)
-    per_layer = grads_u.pop("blocks")
-    grads_u["blocks"] = jax.tree.map(lambda *xs: np.stack(xs), *[per_layer[i] for i in range(2)])
-    assert max_relative_error(grads_u, nnx.to_pure_dict(grads)) < 1e-5
+    assert max_relative_error(_restacked(grads_u), nnx.to_pure_dict(grads)) < 1e-5
 
 
 @pytest.mark.parametrize("policy", ["full", "save_matmuls"])
@@ -212,8 +217,5 @@ def test_saved_rsqrt_norm_keeps_the_models_loss_and_gradients(scan, policy):
         _unstack_into(model, reference()[1])
     loss_n, grads_n = loss_and_grads(*nnx.split(model), *make_batch())
     assert abs(float(loss_n - loss)) <= 1e-6 * abs(float(loss))
-    grads_n = nnx.to_pure_dict(grads_n)
-    if not scan:
-        per_layer = grads_n.pop("blocks")
-        grads_n["blocks"] = jax.tree.map(lambda *xs: np.stack(xs), *[per_layer[i] for i in range(2)])
+    grads_n = nnx.to_pure_dict(grads_n) if scan else _restacked(grads_n)
     assert max_relative_error(grads_n, nnx.to_pure_dict(grads)) < 1e-5

@@ -101,9 +101,7 @@ def _param(
 # their compute-dtype input, while recomputing them costs one fused elementwise pass.
 @functools.partial(jax.checkpoint, static_argnums=(2,))
 def _rms_norm_recomputed(x_BxLxD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
-    x = x_BxLxD.astype(jnp.float32)
-    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
-    return (x * scale_D.astype(jnp.float32)).astype(x_BxLxD.dtype)
+    return _rms_norm_forward(x_BxLxD, scale_D, eps)[0]
 
 
 # The same norm with a hand-written backward that keeps one float32 number per row (the rsqrt):
@@ -114,6 +112,7 @@ def _rms_norm_saved_rsqrt(x_BxLxD: jax.Array, scale_D: jax.Array, eps: float) ->
 
 
 def _rms_norm_forward(x_BxLxD, scale_D, eps):
+    """The norm's output, and what the hand-written backward keeps: x, the scale, the per-row rsqrt."""
     x = x_BxLxD.astype(jnp.float32)
     rsqrt_BxLx1 = jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
     out = (x * rsqrt_BxLx1 * scale_D.astype(jnp.float32)).astype(x_BxLxD.dtype)
