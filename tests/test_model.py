@@ -107,6 +107,22 @@ def test_tied_embeddings_share_the_table():
     np.testing.assert_allclose(model.unembed(hidden), hidden @ model.embedding[...].T, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("scan", [True, False])
+def test_residual_stream_read_at_any_block_and_continued_gives_the_logits(scan):
+    model = Transformer(tiny_cfg(scan_layers=scan, num_layers=3), rngs=nnx.Rngs(0))
+    tokens, _ = make_batch()
+    segment_ids = jnp.ones_like(tokens).at[:, 12:].set(0)
+    logits = model(tokens, segment_ids)
+    embeddings = model.residual_stream(tokens, segment_ids, after_block=0)
+    np.testing.assert_array_equal(embeddings, model.embedding[...][tokens])
+    for after_block in range(4):
+        stream = model.residual_stream(tokens, segment_ids, after_block=after_block)
+        continued = model.logits_from_residual(stream, segment_ids, after_block=after_block)
+        np.testing.assert_allclose(continued, logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(UserError, match="after_block=4: choose 0 .* to 3"):
+        model.residual_stream(tokens, after_block=4)
+
+
 def _unstack_into(unrolled: Transformer, scanned_state: nnx.State) -> None:
     """Copies a scanned model's stacked block weights into an unrolled model, layer by layer."""
     pure = nnx.to_pure_dict(scanned_state)

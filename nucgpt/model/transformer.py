@@ -273,8 +273,14 @@ class Transformer(nnx.Module):
         if not cfg.tie_embeddings:
             self.unembedding = p((cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
 
-    def _run_blocks(self, x_BxLxD, segment_ids_BxL, sin_LxK, cos_LxK, backend: str) -> jax.Array:
+    def _run_blocks(self, x_BxLxD, segment_ids_BxL, blocks: slice) -> jax.Array:
+        """Blocks `blocks` (all of them in training; a part to read or patch the residual stream)."""
         cfg = self.cfg
+        seq_len = x_BxLxD.shape[1]
+        backend = attention.select_backend(
+            cfg.attention, seq_len, cfg.head_dim, cfg.get("splash_block_q", 512), cfg.get("splash_block_kv", 512)
+        )
+        sin_LxK, cos_LxK = rope_tables(seq_len, cfg.head_dim, cfg.rope_base)
 
         def layer_fn(graphdef: nnx.GraphDef) -> Callable:
             def apply(x_BxLxD, block_state):
@@ -286,28 +292,44 @@ class Transformer(nnx.Module):
 
         if cfg.scan_layers:
             graphdef, stacked_state = nnx.split(self.blocks)
+            if blocks != slice(0, cfg.num_layers):
+                stacked_state = jax.tree.map(lambda a: a[blocks], stacked_state)
             apply = layer_fn(graphdef)
             x_BxLxD, _ = jax.lax.scan(lambda x, state: (apply(x, state), None), x_BxLxD, stacked_state)
             return x_BxLxD
-        for block in self.blocks:
+        for block in list(self.blocks)[blocks]:
             graphdef, block_state = nnx.split(block)
             x_BxLxD = layer_fn(graphdef)(x_BxLxD, block_state)
         return x_BxLxD
 
-    def trunk(self, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array | None = None) -> jax.Array:
-        """Hidden states after the final norm, [B, L, d_model] in compute dtype; segment id 0 = padding."""
+    def _check_block(self, after_block: int) -> None:
+        if not 0 <= after_block <= self.cfg.num_layers:
+            raise UserError(f"after_block={after_block}: choose 0 (the embeddings) to {self.cfg.num_layers} (the last block)")
+
+    def residual_stream(self, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array | None = None, *, after_block: int) -> jax.Array:
+        """The residual stream after the first `after_block` blocks (0: the embeddings), [B, L, d_model]
+        in compute dtype: what interpretability reads (and `logits_from_residual` continues from)."""
+        self._check_block(after_block)
         cfg = self.cfg
-        seq_len = tokens_BxL.shape[1]
-        backend = attention.select_backend(
-            cfg.attention, seq_len, cfg.head_dim, cfg.get("splash_block_q", 512), cfg.get("splash_block_kv", 512)
-        )
         # The lookup reads a whole table (small: vocab ≤ 4098), gathered like every FSDP weight.
         table_VxD = constrain(self.embedding[...], (None, None))
         x_BxLxD = embed(table_VxD, tokens_BxL, cfg.get("embedding_lookup", "auto"), cfg.compute_dtype)
         x_BxLxD = constrain(x_BxLxD, ("batch", "length", "embed"))
-        sin_LxK, cos_LxK = rope_tables(seq_len, cfg.head_dim, cfg.rope_base)
-        x_BxLxD = self._run_blocks(x_BxLxD, segment_ids_BxL, sin_LxK, cos_LxK, backend)
-        return rms_norm(x_BxLxD, self.final_norm[...], cfg.norm_eps, cfg.get("norm_backward", "recompute"))
+        return self._run_blocks(x_BxLxD, segment_ids_BxL, slice(0, after_block))
+
+    def logits_from_residual(self, x_BxLxD: jax.Array, segment_ids_BxL: jax.Array | None = None, *, after_block: int) -> jax.Array:
+        """The rest of the forward pass from the residual stream after `after_block` blocks: float32
+        logits. With an edited stream (e.g. a sparse autoencoder's reconstruction) it measures the edit."""
+        self._check_block(after_block)
+        x_BxLxD = self._run_blocks(x_BxLxD.astype(self.cfg.compute_dtype), segment_ids_BxL, slice(after_block, self.cfg.num_layers))
+        return self.unembed(self._final_norm(x_BxLxD))
+
+    def _final_norm(self, x_BxLxD: jax.Array) -> jax.Array:
+        return rms_norm(x_BxLxD, self.final_norm[...], self.cfg.norm_eps, self.cfg.get("norm_backward", "recompute"))
+
+    def trunk(self, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array | None = None) -> jax.Array:
+        """Hidden states after the final norm, [B, L, d_model] in compute dtype; segment id 0 = padding."""
+        return self._final_norm(self.residual_stream(tokens_BxL, segment_ids_BxL, after_block=self.cfg.num_layers))
 
     def unembed(self, hidden_BxLxD: jax.Array) -> jax.Array:
         """float32 logits [B, L, vocab]: compute-dtype matmul with float32 accumulation."""
