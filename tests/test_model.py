@@ -110,15 +110,19 @@ def test_tied_embeddings_share_the_table():
 @pytest.mark.parametrize("scan", [True, False])
 def test_residual_stream_read_at_any_block_and_continued_gives_the_logits(scan):
     model = Transformer(tiny_cfg(scan_layers=scan, num_layers=3), rngs=nnx.Rngs(0))
-    tokens, _ = make_batch()
+    tokens, _ = make_batch(batch=2)
     segment_ids = jnp.ones_like(tokens).at[:, 12:].set(0)
-    logits = model(tokens, segment_ids)
-    embeddings = model.residual_stream(tokens, segment_ids, after_block=0)
+
+    @nnx.jit
+    def streams_and_continued_logits(model):
+        streams = [model.residual_stream(tokens, segment_ids, after_block=k) for k in (0, 2)]
+        continued = [model.logits_from_residual(x, segment_ids, after_block=k) for x, k in zip(streams, (0, 2))]
+        return model(tokens, segment_ids), streams, continued
+
+    logits, (embeddings, _), continued = streams_and_continued_logits(model)
     np.testing.assert_array_equal(embeddings, model.embedding[...][tokens])
-    for after_block in range(4):
-        stream = model.residual_stream(tokens, segment_ids, after_block=after_block)
-        continued = model.logits_from_residual(stream, segment_ids, after_block=after_block)
-        np.testing.assert_allclose(continued, logits, rtol=1e-5, atol=1e-5)
+    for logits_from_block in continued:
+        np.testing.assert_allclose(logits_from_block, logits, rtol=1e-5, atol=1e-5)
     with pytest.raises(UserError, match="after_block=4: choose 0 .* to 3"):
         model.residual_stream(tokens, after_block=4)
 

@@ -6,12 +6,16 @@ Parameters are float32; matmuls run in `compute_dtype`; norms, softmax and logit
 Layers are stacked on a leading "layers" dimension and run by `jax.lax.scan` (`scan_layers`), or
 kept as a list and unrolled; `remat_policy` picks what the backward pass recomputes. Rotary
 positions count from the start of each row: padding (segment id 0) sits at the end of a row.
+
+Generation runs the same blocks with a KV cache: `prefill` the prompt, then one `decode_step` per
+token; both share the training path's projections, RoPE, norms and MLP, so cached logits are the
+full forward pass's.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -171,10 +175,12 @@ def embed(table_VxD: jax.Array, tokens_BxL: jax.Array, lookup: str, compute_dtyp
     return jnp.take(table_VxD, tokens_BxL, axis=0).astype(compute_dtype)
 
 
-def rope_tables(seq_len: int, head_dim: int, base: float) -> tuple[jax.Array, jax.Array]:
-    """sin and cos [L, head_dim/2] in float32, frequencies base^(-2i/head_dim) (LLaMA / HF)."""
+def rope_tables(seq_len: int, head_dim: int, base: float, start: int | jax.Array = 0) -> tuple[jax.Array, jax.Array]:
+    """sin and cos [L, head_dim/2] in float32 for positions start..start+L-1 (`start` may be traced:
+    a decoding step's position), frequencies base^(-2i/head_dim) (LLaMA / HF)."""
     inv_freq_K = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    angles_LxK = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv_freq_K[None, :]
+    positions_L = jnp.arange(seq_len, dtype=jnp.float32) + jnp.asarray(start, jnp.float32)
+    angles_LxK = positions_L[:, None] * inv_freq_K[None, :]
     return jnp.sin(angles_LxK), jnp.cos(angles_LxK)
 
 
@@ -184,6 +190,31 @@ def apply_rope(x_BxLxHxK: jax.Array, sin_LxK: jax.Array, cos_LxK: jax.Array) -> 
     sin, cos = sin_LxK[None, :, None, :], cos_LxK[None, :, None, :]
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return rotated.astype(x_BxLxHxK.dtype)
+
+
+class LayerCache(NamedTuple):
+    """One layer's rotated keys and values, [B, max_len, kv_heads, head_dim] in compute dtype; with
+    `scan_layers` one LayerCache holds every layer on a leading axis, else the cache is a list."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+Cache = LayerCache | list[LayerCache]
+
+
+def _attend_cache(q_BxLxHxK: jax.Array, k_BxMxGxK: jax.Array, v_BxMxGxK: jax.Array, position: jax.Array) -> jax.Array:
+    """Queries at positions position..position+L-1 against a cache: each sees the slots up to its own
+    position (later slots are unwritten). Einsums with a float32 softmax, GQA as `attention.attend`."""
+    batch, length, heads, head_dim = q_BxLxHxK.shape
+    max_len, kv_heads = k_BxMxGxK.shape[1], k_BxMxGxK.shape[2]
+    q_BxLxGxRxK = q_BxLxHxK.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+    scores_BxGxRxLxM = jnp.einsum("BLGRK,BMGK->BGRLM", q_BxLxGxRxK, k_BxMxGxK, preferred_element_type=jnp.float32)
+    visible_LxM = (position + jnp.arange(length))[:, None] >= jnp.arange(max_len)[None, :]
+    scores_BxGxRxLxM = jnp.where(visible_LxM, scores_BxGxRxLxM, -jnp.inf)
+    probs_BxGxRxLxM = jax.nn.softmax(scores_BxGxRxLxM, axis=-1).astype(v_BxMxGxK.dtype)
+    out_BxLxGxRxK = jnp.einsum("BGRLM,BMGK->BLGRK", probs_BxGxRxLxM, v_BxMxGxK)
+    return out_BxLxGxRxK.reshape(batch, length, heads, head_dim)
 
 
 class Block(nnx.Module):
@@ -213,13 +244,19 @@ class Block(nnx.Module):
     def _norm(self, x_BxLxD, scale) -> jax.Array:
         return rms_norm(x_BxLxD, scale[...], self.cfg.norm_eps, self.cfg.get("norm_backward", "recompute"))
 
-    def _sublayer(self, x_BxLxD, in_norm, out_norm, fn) -> jax.Array:
-        h_BxLxD = fn(self._norm(x_BxLxD, in_norm))
+    def _sublayer(self, x_BxLxD, in_norm, out_norm, fn, has_aux: bool = False):
+        """x + fn(norm(x)) (normed again for `sandwich`); with `has_aux`, fn returns (h, aux) and so
+        does this (decoding's updated cache)."""
+        out = fn(self._norm(x_BxLxD, in_norm))
+        h_BxLxD, aux = out if has_aux else (out, None)
         if self.cfg.norm_placement == "sandwich":
             h_BxLxD = self._norm(h_BxLxD, out_norm)
-        return constrain(x_BxLxD + h_BxLxD, ("batch", "length", "embed"))
+        x_BxLxD = constrain(x_BxLxD + h_BxLxD, ("batch", "length", "embed"))
+        return (x_BxLxD, aux) if has_aux else x_BxLxD
 
-    def attention(self, x_BxLxD, segment_ids_BxL, sin_LxK, cos_LxK, backend: str) -> jax.Array:
+    def _qkv(self, x_BxLxD, sin_LxK, cos_LxK) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Rotated q scaled by 1/sqrt(head_dim), rotated k, and v: what training attends over is
+        exactly what decoding caches."""
         cfg = self.cfg
         q_BxLxHxK = checkpoint_name(jnp.einsum("BLD,DHK->BLHK", x_BxLxD, self._weight(self.wq)), "query")
         k_BxLxGxK = checkpoint_name(jnp.einsum("BLD,DGK->BLGK", x_BxLxD, self._weight(self.wk)), "key")
@@ -229,15 +266,48 @@ class Block(nnx.Module):
         q_BxLxHxK = constrain(q_BxLxHxK, ("batch", "length", "heads", "head_dim"))
         k_BxLxGxK = constrain(k_BxLxGxK, ("batch", "length", "kv_heads", "head_dim"))
         v_BxLxGxK = constrain(v_BxLxGxK, ("batch", "length", "kv_heads", "head_dim"))
-        out_BxLxHxK = attention.attend(
+        return q_BxLxHxK, k_BxLxGxK, v_BxLxGxK
+
+    def _attend(self, q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, backend: str) -> jax.Array:
+        return attention.attend(
             q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL,
             backend=backend,
-            block_q=cfg.get("splash_block_q", 512),
-            block_kv=cfg.get("splash_block_kv", 512),
+            block_q=self.cfg.get("splash_block_q", 512),
+            block_kv=self.cfg.get("splash_block_kv", 512),
         )
-        out_BxLxHxK = checkpoint_name(out_BxLxHxK.astype(x_BxLxD.dtype), "attention_out")
+
+    def _project_out(self, out_BxLxHxK, dtype) -> jax.Array:
+        out_BxLxHxK = checkpoint_name(out_BxLxHxK.astype(dtype), "attention_out")
         out_BxLxD = jnp.einsum("BLHK,HKD->BLD", out_BxLxHxK, self._weight(self.wo))
         return checkpoint_name(out_BxLxD, "attention_proj")
+
+    def attention(self, x_BxLxD, segment_ids_BxL, sin_LxK, cos_LxK, backend: str) -> jax.Array:
+        q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = self._qkv(x_BxLxD, sin_LxK, cos_LxK)
+        out_BxLxHxK = self._attend(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, backend)
+        return self._project_out(out_BxLxHxK, x_BxLxD.dtype)
+
+    def _cached_attention(self, x_BxLxD, sin_LxK, cos_LxK, position, cache: LayerCache, backend: str | None):
+        """Attention for tokens at `position`..: their k and v are written into the cache first.
+        `backend` None attends to the cache (decoding); a backend means the tokens are the whole
+        prefix (prefill, position 0) and attend to themselves, as in training."""
+        q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = self._qkv(x_BxLxD, sin_LxK, cos_LxK)
+        write = lambda full_BxMxGxK, new_BxLxGxK: jax.lax.dynamic_update_slice(
+            full_BxMxGxK, new_BxLxGxK.astype(full_BxMxGxK.dtype), (0, position, 0, 0)
+        )
+        cache = LayerCache(write(cache.k, k_BxLxGxK), write(cache.v, v_BxLxGxK))
+        if backend is None:
+            out_BxLxHxK = _attend_cache(q_BxLxHxK, cache.k, cache.v, position)
+        else:
+            out_BxLxHxK = self._attend(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, None, backend)
+        return self._project_out(out_BxLxHxK, x_BxLxD.dtype), cache
+
+    def cached(self, x_BxLxD, sin_LxK, cos_LxK, position, cache: LayerCache, backend: str | None) -> tuple[jax.Array, LayerCache]:
+        """The block for tokens at `position`.. with this layer's KV cache (see `_cached_attention`)."""
+        attend = functools.partial(
+            self._cached_attention, sin_LxK=sin_LxK, cos_LxK=cos_LxK, position=position, cache=cache, backend=backend
+        )
+        x_BxLxD, cache = self._sublayer(x_BxLxD, self.attn_in_norm, getattr(self, "attn_out_norm", None), attend, has_aux=True)
+        return self._sublayer(x_BxLxD, self.mlp_in_norm, getattr(self, "mlp_out_norm", None), self.mlp), cache
 
     def mlp(self, x_BxLxD) -> jax.Array:
         up_BxLxF = checkpoint_name(jnp.einsum("BLD,DF->BLF", x_BxLxD, self._weight(self.w_up)), "mlp_hidden")
@@ -310,12 +380,14 @@ class Transformer(nnx.Module):
         """The residual stream after the first `after_block` blocks (0: the embeddings), [B, L, d_model]
         in compute dtype: what interpretability reads (and `logits_from_residual` continues from)."""
         self._check_block(after_block)
+        return self._run_blocks(self._embed(tokens_BxL), segment_ids_BxL, slice(0, after_block))
+
+    def _embed(self, tokens_BxL: jax.Array) -> jax.Array:
         cfg = self.cfg
         # The lookup reads a whole table (small: vocab ≤ 4098), gathered like every FSDP weight.
         table_VxD = constrain(self.embedding[...], (None, None))
         x_BxLxD = embed(table_VxD, tokens_BxL, cfg.get("embedding_lookup", "auto"), cfg.compute_dtype)
-        x_BxLxD = constrain(x_BxLxD, ("batch", "length", "embed"))
-        return self._run_blocks(x_BxLxD, segment_ids_BxL, slice(0, after_block))
+        return constrain(x_BxLxD, ("batch", "length", "embed"))
 
     def logits_from_residual(self, x_BxLxD: jax.Array, segment_ids_BxL: jax.Array | None = None, *, after_block: int) -> jax.Array:
         """The rest of the forward pass from the residual stream after `after_block` blocks: float32
@@ -341,3 +413,46 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array | None = None) -> jax.Array:
         return self.unembed(self.trunk(tokens_BxL, segment_ids_BxL))
+
+    def init_cache(self, batch: int, max_len: int) -> Cache:
+        """An empty KV cache for `max_len` positions (prompt and generated tokens) of `batch` rows."""
+        cfg = self.cfg
+        layers = (cfg.num_layers,) if cfg.scan_layers else ()
+        shape = (*layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        empty = lambda: LayerCache(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype))
+        return empty() if cfg.scan_layers else [empty() for _ in range(cfg.num_layers)]
+
+    def prefill(self, tokens_BxP: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
+        """(float32 logits [B, vocab] of the prompt's last position, the cache holding the prompt):
+        the prompt runs through the training attention backend in one pass."""
+        cfg = self.cfg
+        backend = attention.select_backend(
+            cfg.attention, tokens_BxP.shape[1], cfg.head_dim, cfg.get("splash_block_q", 512), cfg.get("splash_block_kv", 512)
+        )
+        return self._cached_forward(tokens_BxP, jnp.int32(0), cache, backend)
+
+    def decode_step(self, token_Bx1: jax.Array, position: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
+        """(float32 logits [B, vocab] of the next token, the cache with `token_Bx1` at `position`): one
+        token attends to the cache's positions up to its own."""
+        return self._cached_forward(token_Bx1, position, cache, None)
+
+    def _cached_forward(self, tokens_BxL, position, cache: Cache, backend: str | None) -> tuple[jax.Array, Cache]:
+        cfg = self.cfg
+        sin_LxK, cos_LxK = rope_tables(tokens_BxL.shape[1], cfg.head_dim, cfg.rope_base, start=position)
+        x_BxLxD = self._embed(tokens_BxL)
+        if cfg.scan_layers:
+            graphdef, stacked_state = nnx.split(self.blocks)
+
+            def layer(x_BxLxD, state_and_cache):
+                block_state, layer_cache = state_and_cache
+                return nnx.merge(graphdef, block_state).cached(x_BxLxD, sin_LxK, cos_LxK, position, layer_cache, backend)
+
+            x_BxLxD, cache = jax.lax.scan(layer, x_BxLxD, (stacked_state, cache))
+        else:
+            updated = []
+            for block, layer_cache in zip(self.blocks, cache):
+                x_BxLxD, layer_cache = block.cached(x_BxLxD, sin_LxK, cos_LxK, position, layer_cache, backend)
+                updated.append(layer_cache)
+            cache = updated
+        logits_Bx1xV = self.unembed(self._final_norm(x_BxLxD[:, -1:]))
+        return logits_Bx1xV[:, 0], cache
