@@ -14,7 +14,7 @@ target shardings, so a checkpoint written on one mesh restores onto any other. P
 import dataclasses
 import json
 import os
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import jax
 import orbax.checkpoint as ocp
@@ -255,20 +255,21 @@ def latest_step_dir(path: str) -> epath.Path | None:
     return directory / str(steps[-1]) if steps else None
 
 
-def _resolve_step_dir(init_from: str) -> epath.Path:
-    """A workdir (its latest checkpoint), a `checkpoints/` folder, or one step folder → the step folder."""
-    path = absolute_path(init_from)
-    if (path / "params").exists():
-        return path
-    step_dir = latest_step_dir(init_from)
+def resolve_step_dir(path: str, name: str = "init_from") -> epath.Path:
+    """A workdir (its latest checkpoint), a `checkpoints/` folder, or one step folder → the step folder.
+    `name` is the flag or field the path came from, for the error."""
+    folder = absolute_path(path)
+    if (folder / "params").exists():
+        return folder
+    step_dir = latest_step_dir(path)
     if step_dir is None:
-        raise UserError(f"init_from: no checkpoint found in {init_from} (expected a workdir, its checkpoints/ or a step folder)")
+        raise UserError(f"{name}: no checkpoint found in {path} (expected a workdir, its checkpoints/ or a step folder)")
     return step_dir
 
 
 def load_pretrained_config(init_from: str) -> ConfigDict:
     """The config saved in the checkpoint `init_from` names (a workdir or a step folder); no arrays read."""
-    return config_from_json(json.loads((_resolve_step_dir(init_from) / "config" / "metadata").read_text()))
+    return config_from_json(json.loads((resolve_step_dir(init_from) / "config" / "metadata").read_text()))
 
 
 def load_pretrained(init_from: str, abstract_params: Any = None) -> tuple[ConfigDict, Any]:
@@ -277,7 +278,7 @@ def load_pretrained(init_from: str, abstract_params: Any = None) -> tuple[Config
     With `abstract_params` (ShapeDtypeStructs carrying shardings) the params are restored straight
     into those shards (do this on multi-device runs); without, as single-device arrays.
     """
-    step_dir = _resolve_step_dir(init_from)
+    step_dir = resolve_step_dir(init_from)
     config = load_pretrained_config(str(step_dir))
     checkpointer = ocp.StandardCheckpointer()
     params = checkpointer.restore(step_dir / "params", abstract_params) if abstract_params is not None else checkpointer.restore(step_dir / "params")

@@ -1,8 +1,11 @@
 """User errors: bad input is reported as one line and a non-zero exit, never a traceback."""
 
 import functools
+import re
 import sys
 from typing import Callable, TypeVar
+
+from absl import flags
 
 T = TypeVar("T")
 
@@ -25,3 +28,22 @@ def exits_cleanly_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
             sys.exit(EXIT_USER_ERROR)
 
     return wrapper
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing (`app.run(main, flags_parser=parse_flags)`) with a bad flag or an unknown
+    `--config.` key as one `error:` line and exit 2."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:  # config_flags: an override of a key the config lacks
+        key = re.search(r"'(\w+)", str(e))
+        hint = re.search(r'Did you mean "(\w+)"', str(e))
+        given = [a.split("=")[0][len("--config."):] for a in argv if key and a.startswith("--config.") and key[1] in a.split("=")[0]]
+        name = given[0] if given else key[1] if key else str(e)
+        message = f"unknown config key {name}" + (f" (did you mean {name.rsplit('.', 1)[0]}.{hint[1]}?)" if hint and "." in name else "")
+    except flags.Error as e:
+        lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+        errors = [l for l in lines if "Error:" in l and not l.startswith("flag ")]
+        message = errors[-1].split("Error: ", 1)[1] if errors else lines[0] if lines else "bad flags"
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USER_ERROR)

@@ -26,12 +26,11 @@ from etils import epath
 from flax import nnx
 from ml_collections import ConfigDict
 
-from nucgpt import checkpoint
+from nucgpt import pretrained
 from nucgpt.data.fasta import SequenceStats, read_fasta
-from nucgpt.errors import UserError, exits_cleanly_on_user_error
+from nucgpt.errors import UserError, exits_cleanly_on_user_error, parse_flags
 from nucgpt.model import Transformer
 from nucgpt.tokenizers import KMER_UNK_ID, PAD_ID, Tokenizer, get_tokenizer
-from nucgpt.train import parse_flags
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A pretraining workdir (its latest checkpoint) or a step folder.")
 _PROMPT = flags.DEFINE_string("prompt", None, "The bases to continue (A, C, G, T, N; either case).")
@@ -78,33 +77,12 @@ def read_prompt_fasta(path: str) -> str:
     return b"".join(records[0]).decode("ascii")
 
 
-def pretrained_config(path: str) -> tuple[epath.Path, ConfigDict]:
-    """(step folder, its config) of a pretraining checkpoint, read without its arrays."""
-    step_dir = checkpoint.absolute_path(path)
-    if not (step_dir / "params").exists():
-        step_dir = checkpoint.latest_step_dir(path)
-    if step_dir is None or not (step_dir / "config" / "metadata").exists():
-        raise UserError(
-            f"--checkpoint {path}: no checkpoint found (expected a pretraining workdir, its checkpoints/ or a step folder)"
-        )
-    config = checkpoint.load_pretrained_config(str(step_dir))
-    if config.get("task") != "pretrain":
-        raise UserError(f"--checkpoint {step_dir}: a {config.get('task')!r} checkpoint; generation needs a pretraining one")
-    return step_dir, config
-
-
 def load_model(step_dir: epath.Path, config: ConfigDict) -> Transformer:
-    """The checkpoint's Transformer on one device, its parameters restored into an abstract (unallocated) model."""
-    model_cfg = config.model.copy_and_resolve_references()
-    # The prompt's length is no training shape: let the platform's backend fall back where its kernel cannot take it.
-    model_cfg.attention = "auto"
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))))
-    # Onto one device, whatever mesh wrote the checkpoint: orbax needs the target's shardings for that.
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nnx.to_pure_dict(state))
-    _, params = checkpoint.load_pretrained(str(step_dir), abstract)
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)
+    """The checkpoint's Transformer on one device, with the attention backend left to the platform:
+    a prompt's length is no training shape, and a named kernel (splash) may not take it."""
+    model_config = config.model.copy_and_resolve_references()
+    model_config.attention = "auto"
+    return pretrained.load_transformer(step_dir, model_config)
 
 
 def generation_tokenizer(config: ConfigDict) -> Tokenizer:
@@ -254,7 +232,7 @@ def main(argv) -> None:
     prompt = _PROMPT.value if _PROMPT.value is not None else read_prompt_fasta(_PROMPT_FASTA.value)
     check_prompt(prompt)
     num_bases, num_samples = _NUM_BASES.value, _NUM_SAMPLES.value
-    step_dir, config = pretrained_config(_CHECKPOINT.value)
+    step_dir, config = pretrained.pretraining_checkpoint(_CHECKPOINT.value, "--checkpoint", "generation")
     tokenizer = generation_tokenizer(config)
     check_fits_model(prompt, num_bases, tokenizer, config.train.seq_len, _ALLOW_N.value)
     model = load_model(step_dir, config)

@@ -12,7 +12,6 @@ the libraries' INFO logs (orbax, jax) are hidden unless asked for: `--verbosity=
 """
 
 import math
-import re
 import signal
 import sys
 import time
@@ -27,7 +26,7 @@ from ml_collections import ConfigDict, config_flags
 from nucgpt import config as config_lib
 from nucgpt import diagnostics, distributed, sharding
 from nucgpt.checkpoint import Checkpoints, latest_step_dir, save_config
-from nucgpt.errors import EXIT_USER_ERROR, UserError, exits_cleanly_on_user_error
+from nucgpt.errors import UserError, exits_cleanly_on_user_error, parse_flags
 from nucgpt.flops import Throughput, batch_tokens
 from nucgpt.metrics_log import MetricsLogger
 from nucgpt.model.attention import mesh_platform
@@ -280,24 +279,6 @@ def main(argv) -> None:
     with diagnostics.stack_traces(config.diagnostics):
         code = train(config, workdir, mesh, task)
     sys.exit(code)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing with bad flags and unknown config keys as one `error:` line (exit 2)."""
-    try:
-        return flags.FLAGS(argv)
-    except (AttributeError, KeyError) as e:  # config_flags: an override of a key the config lacks
-        key = re.search(r"'(\w+)", str(e))
-        hint = re.search(r'Did you mean "(\w+)"', str(e))
-        given = [a.split("=")[0][len("--config."):] for a in argv if key and a.startswith("--config.") and key[1] in a.split("=")[0]]
-        name = given[0] if given else key[1] if key else str(e)
-        message = f"unknown config key {name}" + (f" (did you mean {name.rsplit('.', 1)[0]}.{hint[1]}?)" if hint and "." in name else "")
-    except flags.Error as e:
-        lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-        errors = [l for l in lines if "Error:" in l and not l.startswith("flag ")]
-        message = errors[-1].split("Error: ", 1)[1] if errors else lines[0] if lines else "bad flags"
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_USER_ERROR)
 
 
 def run() -> None:

@@ -248,7 +248,7 @@ def test_cli_generates_with_a_nonoverlapping_kmer_model(tmp_path, capsys):
     [
         ({"data__tokenizer": "kmer6_overlap", "model__vocab_size": 4098}, "tokenizer is kmer6_overlap, which cannot generate"),
         ({"data__tokenizer": "kmer6_nonoverlap", "model__vocab_size": 4098}, "prompt: 8 bp is not a multiple of 6"),
-        ({"task": "classify"}, "a 'classify' checkpoint; generation needs a pretraining one"),
+        ({"task": "classify"}, "a 'classify' checkpoint; generation needs a pretraining (language-model) one"),
         (None, "no checkpoint found"),
     ],
 )

@@ -4,7 +4,6 @@ import os
 import time
 from typing import Mapping
 
-import jax
 import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
