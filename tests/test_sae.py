@@ -12,11 +12,9 @@ import jax
 import numpy as np
 import pytest
 
+from configs.pretrain import get_config
 from nucgpt import sae, sae_train
 from nucgpt.errors import UserError
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "configs"))
-import pretrain  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SEQ_LEN = 64
@@ -114,7 +112,7 @@ def pretrained(tmp_path_factory):
     root = tmp_path_factory.mktemp("sae")
     synthetic.write_genome(root / "g.fa", bp=100_000, seed=3)
     prepare.prepare([str(root / "g.fa")], root / "data", window=SEQ_LEN + 1, valid_chroms=("chr4",), progress=False)
-    config = pretrain.get_config("demo")
+    config = get_config("demo")
     config.model.update(d_model=32, num_layers=2, num_heads=2, num_kv_heads=2, head_dim=16, mlp_dim=64, attention="xla",
                         init_std=0.3)
     config.data.update(path=str(root / "data"), synthetic_bp=0)
@@ -212,7 +210,7 @@ def test_eval_batch_flags_each_input_token_by_its_own_base():
     """The report's per-token repeat flag and base are the input token's, aligned with the model's inputs."""
     from nucgpt.data import records
 
-    config = pretrain.get_config("demo")
+    config = get_config("demo")
     config.train.seq_len = 8
     sequence = b"ACgtNNaCT"  # 8 inputs + the last target
     window = sae_train.Window("chrX", 100, sequence)
@@ -236,7 +234,7 @@ def _classify_checkpoint(tmp_path):
     step_dir = tmp_path / "ft" / "checkpoints" / "7"
     (step_dir / "params").mkdir(parents=True)
     (step_dir / "config").mkdir()
-    config = pretrain.get_config("demo")
+    config = get_config("demo")
     config.task = "classify"
     (step_dir / "config" / "metadata").write_text(config.to_json())
     return tmp_path / "ft"
