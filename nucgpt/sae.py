@@ -129,7 +129,8 @@ def _loss(params: Params, x_NxD: jax.Array, mask_N: jax.Array, dead_F: jax.Array
         aux = jnp.sum(mask_N * jnp.sum(jnp.square(target_NxD - error_hat_NxD), axis=-1)) / jnp.maximum(
             jnp.sum(mask_N * jnp.sum(jnp.square(target_NxD), axis=-1)), 1e-30
         )
-        loss = loss + cfg.aux_coef * jnp.where(jnp.any(dead_F), aux, 0.0)
+        aux = jnp.where(jnp.any(dead_F), aux, 0.0)  # no dead latent: no AuxK term (reported as 0)
+        loss = loss + cfg.aux_coef * aux
     fired_F = jnp.zeros(cfg.latents, bool).at[indices_NxK].max((values_NxK > 0) & (mask_N[:, None] > 0))
     stats = variance_sums(params, x_NxD, jax.lax.stop_gradient(x_hat_NxD), mask_N)
     return loss, {"mse": mse, "aux_loss": aux, "fired_F": fired_F, "sums": stats}
