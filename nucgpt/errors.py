@@ -5,7 +5,7 @@ import re
 import sys
 from typing import Callable, TypeVar
 
-from absl import flags
+from absl import flags, logging
 
 T = TypeVar("T")
 
@@ -47,3 +47,12 @@ def parse_flags(argv: list[str]) -> list[str]:
         message = errors[-1].split("Error: ", 1)[1] if errors else lines[0] if lines else "bad flags"
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(EXIT_USER_ERROR)
+
+
+def start_main(argv: list[str]) -> None:
+    """A command's first step: the libraries' INFO logs (orbax, jax) hidden unless `--verbosity` is
+    given, and no stray positional arguments."""
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    if len(argv) > 1:
+        raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")

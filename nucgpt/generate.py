@@ -21,14 +21,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from etils import epath
 from flax import nnx
 from ml_collections import ConfigDict
 
 from nucgpt import pretrained
 from nucgpt.data.fasta import SequenceStats, read_fasta
-from nucgpt.errors import UserError, exits_cleanly_on_user_error, parse_flags
+from nucgpt.errors import UserError, exits_cleanly_on_user_error, parse_flags, start_main
 from nucgpt.model import Transformer
 from nucgpt.tokenizers import KMER_UNK_ID, PAD_ID, Tokenizer, get_tokenizer
 
@@ -224,10 +224,7 @@ def _check_flags() -> None:
 
 @exits_cleanly_on_user_error
 def main(argv) -> None:
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
-    if len(argv) > 1:
-        raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+    start_main(argv)
     _check_flags()
     prompt = _PROMPT.value if _PROMPT.value is not None else read_prompt_fasta(_PROMPT_FASTA.value)
     check_prompt(prompt)

@@ -31,7 +31,7 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from etils import epath
 from flax import nnx
 from ml_collections import ConfigDict
@@ -40,7 +40,7 @@ from nucgpt import pretrained, sae
 from nucgpt import loss as lm_loss
 from nucgpt.data import records
 from nucgpt.data.pipeline import BATCH_KEYS, LmExample, make_lm_iterator, read_manifest
-from nucgpt.errors import UserError, exits_cleanly_on_user_error, parse_flags
+from nucgpt.errors import UserError, exits_cleanly_on_user_error, parse_flags, start_main
 from nucgpt.tasks.pretrain import bases_per_token
 from nucgpt.tokenizers import PAD_ID, Tokenizer, get_tokenizer
 
@@ -453,10 +453,7 @@ def _define_flags() -> None:
 
 @exits_cleanly_on_user_error
 def main(argv: Sequence[str]) -> None:
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
-    if len(argv) > 1:
-        raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+    start_main(argv)
     for name in ("checkpoint", "layer", "output"):
         if flags.FLAGS[name].value is None:
             raise UserError(f"--{name} is required")

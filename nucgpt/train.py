@@ -19,14 +19,14 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from jax.experimental import multihost_utils
 from ml_collections import ConfigDict, config_flags
 
 from nucgpt import config as config_lib
 from nucgpt import diagnostics, distributed, sharding
 from nucgpt.checkpoint import Checkpoints, latest_step_dir, save_config
-from nucgpt.errors import UserError, exits_cleanly_on_user_error, parse_flags
+from nucgpt.errors import UserError, exits_cleanly_on_user_error, parse_flags, start_main
 from nucgpt.flops import Throughput, batch_tokens
 from nucgpt.metrics_log import MetricsLogger
 from nucgpt.model.attention import mesh_platform
@@ -258,10 +258,7 @@ def train(config: ConfigDict, workdir: str, mesh, task: Task) -> int:
 
 @exits_cleanly_on_user_error
 def main(argv) -> None:
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
-    if len(argv) > 1:
-        raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+    start_main(argv)
     if _CONFIG.value is None:
         raise UserError("--config is required, e.g. --config configs/pretrain.py:demo")
     distributed.use_cpu_cores(_CONFIG.value.mesh.cpu_devices, _CONFIG.value.train.global_batch_size)

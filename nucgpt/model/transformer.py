@@ -203,18 +203,11 @@ class LayerCache(NamedTuple):
 Cache = LayerCache | list[LayerCache]
 
 
-def _attend_cache(q_BxLxHxK: jax.Array, k_BxMxGxK: jax.Array, v_BxMxGxK: jax.Array, position: jax.Array) -> jax.Array:
-    """Queries at positions position..position+L-1 against a cache: each sees the slots up to its own
-    position (later slots are unwritten). Einsums with a float32 softmax, GQA as `attention.attend`."""
-    batch, length, heads, head_dim = q_BxLxHxK.shape
-    max_len, kv_heads = k_BxMxGxK.shape[1], k_BxMxGxK.shape[2]
-    q_BxLxGxRxK = q_BxLxHxK.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
-    scores_BxGxRxLxM = jnp.einsum("BLGRK,BMGK->BGRLM", q_BxLxGxRxK, k_BxMxGxK, preferred_element_type=jnp.float32)
-    visible_LxM = (position + jnp.arange(length))[:, None] >= jnp.arange(max_len)[None, :]
-    scores_BxGxRxLxM = jnp.where(visible_LxM, scores_BxGxRxLxM, -jnp.inf)
-    probs_BxGxRxLxM = jax.nn.softmax(scores_BxGxRxLxM, axis=-1).astype(v_BxMxGxK.dtype)
-    out_BxLxGxRxK = jnp.einsum("BGRLM,BMGK->BLGRK", probs_BxGxRxLxM, v_BxMxGxK)
-    return out_BxLxGxRxK.reshape(batch, length, heads, head_dim)
+def _attention_backend(cfg: ml_collections.ConfigDict, seq_len: int) -> str:
+    """The backend `model.attention` runs at this length (`auto` falls back where its kernel cannot)."""
+    return attention.select_backend(
+        cfg.attention, seq_len, cfg.head_dim, cfg.get("splash_block_q", 512), cfg.get("splash_block_kv", 512)
+    )
 
 
 class Block(nnx.Module):
@@ -296,7 +289,7 @@ class Block(nnx.Module):
         )
         cache = LayerCache(write(cache.k, k_BxLxGxK), write(cache.v, v_BxLxGxK))
         if backend is None:
-            out_BxLxHxK = _attend_cache(q_BxLxHxK, cache.k, cache.v, position)
+            out_BxLxHxK = attention.attend_cache(q_BxLxHxK, cache.k, cache.v, position)
         else:
             out_BxLxHxK = self._attend(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, None, backend)
         return self._project_out(out_BxLxHxK, x_BxLxD.dtype), cache
@@ -347,9 +340,7 @@ class Transformer(nnx.Module):
         """Blocks `blocks` (all of them in training; a part to read or patch the residual stream)."""
         cfg = self.cfg
         seq_len = x_BxLxD.shape[1]
-        backend = attention.select_backend(
-            cfg.attention, seq_len, cfg.head_dim, cfg.get("splash_block_q", 512), cfg.get("splash_block_kv", 512)
-        )
+        backend = _attention_backend(cfg, seq_len)
         sin_LxK, cos_LxK = rope_tables(seq_len, cfg.head_dim, cfg.rope_base)
 
         def layer_fn(graphdef: nnx.GraphDef) -> Callable:
@@ -425,11 +416,7 @@ class Transformer(nnx.Module):
     def prefill(self, tokens_BxP: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
         """(float32 logits [B, vocab] of the prompt's last position, the cache holding the prompt):
         the prompt runs through the training attention backend in one pass."""
-        cfg = self.cfg
-        backend = attention.select_backend(
-            cfg.attention, tokens_BxP.shape[1], cfg.head_dim, cfg.get("splash_block_q", 512), cfg.get("splash_block_kv", 512)
-        )
-        return self._cached_forward(tokens_BxP, jnp.int32(0), cache, backend)
+        return self._cached_forward(tokens_BxP, jnp.int32(0), cache, _attention_backend(self.cfg, tokens_BxP.shape[1]))
 
     def decode_step(self, token_Bx1: jax.Array, position: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
         """(float32 logits [B, vocab] of the next token, the cache with `token_Bx1` at `position`): one
