@@ -28,6 +28,11 @@ def target_weights(target_valid_BxL: jax.Array, target_repeat_BxL: jax.Array, re
     return target_valid_BxL.astype(jnp.float32) * jnp.where(target_repeat_BxL, repeat_weight, 1.0)
 
 
+def weight_sum(target_valid_BxL: jax.Array, target_repeat_BxL: jax.Array, repeat_weight: float) -> jax.Array:
+    """Σ w: the loss's normaliser, from the batch alone (`lm_stats` returns the same as `weight`)."""
+    return jnp.sum(target_weights(target_valid_BxL, target_repeat_BxL, repeat_weight))
+
+
 def lm_stats(
     logits_BxLxV: jax.Array,
     targets_BxL: jax.Array,

@@ -208,3 +208,14 @@ def test_freeze_trunk_with_weight_decay_updates_the_head_only(tsv_table):
     moments = sum(x.size for x in jax.tree.leaves(state["opt_state"]) if x.ndim > 0)
     head = sum(x.size for x in jax.tree.leaves(after["head"]))
     assert moments == 2 * head
+
+
+def test_loss_weight_is_the_weight_the_loss_reports(tsv_trainer):
+    """The train step normalises by `loss_weight` before the forward pass: it must match the loss's own Σ w."""
+    config, trainer = tsv_trainer
+    batch = next(TASK.train_iterator(config, 0, 1))
+    batch["weights"][: len(batch["weights"]) // 4] = 0.0  # rows that only pad the batch
+    global_batch = trainer.global_batch(batch)
+    stats = jax.device_get(trainer.eval_step(trainer.init_state(), global_batch))
+    weight = float(TASK.loss_weight(global_batch, config))
+    assert weight == float(stats["weight"]) == float(np.sum(batch["weights"])) > 0

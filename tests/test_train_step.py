@@ -44,3 +44,31 @@ def test_abstract_state_lowers_without_allocating_params(trainer):
     assert "fsdp" in str(wq.sharding.spec)  # [layers, embed, heads, head_dim]: embed over fsdp
     mu = trainer.abstract_state["opt_state"]
     assert any("fsdp" in str(getattr(x, "sharding", "")) for x in jax.tree.leaves(mu))  # moments follow params
+
+
+def _batch_with_invalid_and_repeats(trainer):
+    """The dummy batch with some targets invalid (weight 0) and the rest half repeats (weight 0.5)."""
+    batch = trainer.task.dummy_batch(trainer.config, trainer.local_batch_size())
+    batch["target_valid"][:, :5] = False
+    return trainer.global_batch(batch)
+
+
+def test_loss_is_normalised_before_the_gradient():
+    """The step differentiates Σ w·CE / Σ w with Σ w from `task.loss_weight`: same as ∇(Σ w·CE) / Σ w."""
+    from flax import nnx
+
+    trainer = build_trainer(tiny_config(repeat_weight=0.5))
+    batch = _batch_with_invalid_and_repeats(trainer)
+    state = trainer.init_state()
+    params = jax.tree.map(np.asarray, state["params"])
+
+    def summed_loss(p):
+        return trainer.task.loss(nnx.merge(trainer.graphdef, p), batch, trainer.config)
+
+    grads_sum, stats = jax.jit(jax.grad(summed_loss, has_aux=True))(params)
+    weight = float(trainer.task.loss_weight(batch, trainer.config))
+    assert weight == float(stats["weight"]) and 0 < weight < batch["targets"].size
+    expected_norm = np.sqrt(sum(np.sum((np.asarray(g) / weight) ** 2) for g in jax.tree.leaves(grads_sum)))
+    _, metrics = trainer.train_step(state, batch)
+    np.testing.assert_allclose(float(metrics["grad_norm"]), expected_norm, rtol=1e-5)
+    assert float(metrics["weight"]) == weight

@@ -21,6 +21,9 @@ The contract, in the order the trainer uses it:
   Σ total / Σ weight, which keeps gradient accumulation and data parallelism exact. Every entry
   of `stats` is a sum (scalar or array, e.g. a confusion matrix) so it adds across micro-batches
   and eval batches.
+- `loss_weight(batch, config)`: the same Σ w from the batch alone, before any forward pass: the
+  train step divides each micro-batch's `total` by the whole batch's Σ w before differentiating,
+  so gradients come out normalised (no extra pass over them). Must equal `stats["weight"]`.
 - `finalize_metrics(stats, config) -> dict[str, float]`: host-side ratios from summed stats
   (loss, accuracy, bits per base, ...); the same function serves train and eval.
 - `batch_axes(config)`: logical axes of every batch field (mapped to the mesh by the rules).
@@ -71,6 +74,9 @@ class Task(abc.ABC):
 
     @abc.abstractmethod
     def loss(self, model: nnx.Module, batch: Mapping[str, jax.Array], config: ConfigDict) -> tuple[jax.Array, Stats]: ...
+
+    @abc.abstractmethod
+    def loss_weight(self, batch: Mapping[str, jax.Array], config: ConfigDict) -> jax.Array: ...
 
     @abc.abstractmethod
     def finalize_metrics(self, stats: Mapping[str, np.ndarray], config: ConfigDict) -> dict[str, float]: ...

@@ -170,6 +170,9 @@ class ClassifyTask(Task):
         predicted_BxC = jax.nn.one_hot(jnp.argmax(logits_BxC, axis=-1), num_classes)
         return total, {"ce": total, "weight": jnp.sum(weights_B), "confusion": true_BxC.T @ predicted_BxC}
 
+    def loss_weight(self, batch, config):
+        return jnp.sum(batch["weights"])
+
     def finalize_metrics(self, stats: Mapping[str, np.ndarray], config: ConfigDict) -> dict[str, float]:
         counts_CxC = np.rint(np.asarray(stats["confusion"])).astype(np.int64)
         metrics = {

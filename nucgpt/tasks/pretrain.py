@@ -86,6 +86,9 @@ class PretrainTask(Task):
             logits_BxLxV, batch["targets"], batch["target_valid"], batch["target_repeat"], config.train.repeat_weight
         )
 
+    def loss_weight(self, batch, config):
+        return lm_loss.weight_sum(batch["target_valid"], batch["target_repeat"], config.train.repeat_weight)
+
     def finalize_metrics(self, stats: Mapping[str, np.ndarray], config: ConfigDict) -> dict[str, float]:
         return lm_loss.lm_metrics(stats, bases_per_token(config))
 
