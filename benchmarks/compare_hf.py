@@ -20,7 +20,7 @@ from ml_collections import config_flags
 
 from benchmarks import report
 from nucgpt import flops
-from nucgpt.errors import UserError, exits_cleanly_on_user_error
+from nucgpt.errors import UserError, exits_cleanly_on_user_error, parse_flags
 
 config_flags.DEFINE_config_file("config", None, "configs/pretrain.py:<preset>", lock_config=True)
 flags.DEFINE_enum("mode", "eager", ["eager", "compile"], "eager PyTorch or torch.compile (inductor)")
@@ -155,4 +155,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

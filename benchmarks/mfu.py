@@ -41,7 +41,7 @@ from ml_collections import ConfigDict, config_flags
 from benchmarks import report
 from nucgpt import config as config_checks
 from nucgpt import flops, sharding, step
-from nucgpt.errors import UserError, exits_cleanly_on_user_error
+from nucgpt.errors import UserError, exits_cleanly_on_user_error, parse_flags
 from nucgpt.model.attention import mesh_platform
 
 config_flags.DEFINE_config_file("config", None, "configs/pretrain.py:<preset>", lock_config=True)
@@ -366,4 +366,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -44,7 +44,7 @@ from ml_collections import ConfigDict
 
 from benchmarks import mfu, report
 from nucgpt import flops
-from nucgpt.errors import UserError, exits_cleanly_on_user_error
+from nucgpt.errors import UserError, exits_cleanly_on_user_error, parse_flags
 
 flags.DEFINE_string("trace_dir", "", "keep the trace here (default: a temporary dir, removed at the end)")
 flags.DEFINE_integer("top", 15, "kernels listed, by total time")
@@ -366,4 +366,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

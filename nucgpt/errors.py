@@ -30,17 +30,46 @@ def exits_cleanly_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
+def _unloadable_config_file() -> str | None:
+    """ml_collections defers a config file it cannot read (missing, a folder) to the config's first
+    use, where it raises from deep inside the run: report it before anything starts."""
+    for name in flags.FLAGS:
+        flag = flags.FLAGS[name]
+        if not hasattr(flag, "config_filename"):
+            continue
+        try:
+            error = object.__getattribute__(flag.value, "_error")  # ml_collections' placeholder
+        except AttributeError:
+            continue
+        reasons = re.findall(r"\[Errno \d+\] ([^:\n]+)", str(error))
+        return f"--{name} {flag.config_filename.split(':', 1)[0]}: cannot read the config file ({reasons[-1] if reasons else error})"
+    return None
+
+
+def _unknown_config_key(error: Exception, argv: list[str]) -> str:
+    """config_flags' AttributeError / KeyError for an override of a key the config lacks, as one line."""
+    key = re.search(r"'(\w+)", str(error))
+    hint = re.search(r'Did you mean "(\w+)"', str(error))
+    given = [a.split("=")[0][len("--config."):] for a in argv if key and a.startswith("--config.") and key[1] in a.split("=")[0]]
+    name = given[0] if given else key[1] if key else str(error)
+    return f"unknown config key {name}" + (f" (did you mean {name.rsplit('.', 1)[0]}.{hint[1]}?)" if hint and "." in name else "")
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing (`app.run(main, flags_parser=parse_flags)`) with a bad flag or an unknown
-    `--config.` key as one `error:` line and exit 2."""
+    """absl flag parsing (`app.run(main, flags_parser=parse_flags)`) with a bad flag, an unknown
+    `--config.` key or a config file that cannot be loaded as one `error:` line and exit 2."""
     try:
-        return flags.FLAGS(argv)
-    except (AttributeError, KeyError) as e:  # config_flags: an override of a key the config lacks
-        key = re.search(r"'(\w+)", str(e))
-        hint = re.search(r'Did you mean "(\w+)"', str(e))
-        given = [a.split("=")[0][len("--config."):] for a in argv if key and a.startswith("--config.") and key[1] in a.split("=")[0]]
-        name = given[0] if given else key[1] if key else str(e)
-        message = f"unknown config key {name}" + (f" (did you mean {name.rsplit('.', 1)[0]}.{hint[1]}?)" if hint and "." in name else "")
+        remaining = flags.FLAGS(argv)
+        message = _unloadable_config_file()
+        if message is None:
+            return remaining
+    except SyntaxError as e:  # a config file that is not valid Python
+        message = f"--config {e.filename}:{e.lineno}: {e.msg} (not a valid Python config file)"
+    except (AttributeError, KeyError) as e:
+        if "has no attribute 'get_config'" in str(e):
+            message = "--config: the config file defines no get_config() function"
+        else:
+            message = _unknown_config_key(e, argv)
     except flags.Error as e:
         lines = [l.strip() for l in str(e).splitlines() if l.strip()]
         errors = [l for l in lines if "Error:" in l and not l.startswith("flag ")]

@@ -12,6 +12,7 @@ the libraries' INFO logs (orbax, jax) are hidden unless asked for: `--verbosity=
 """
 
 import math
+import os
 import signal
 import sys
 import time
@@ -20,6 +21,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 from absl import app, flags
+from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import ConfigDict, config_flags
 
@@ -207,8 +209,19 @@ def _nothing_to_evaluate(workdir: str, why: str) -> UserError:
     return UserError(f"eval_only: {why} in {workdir}; train first, or point --workdir at a trained run")
 
 
+def make_workdir(workdir: str) -> None:
+    """Create --workdir (local or gs://) before anything runs: an unusable path is one error line, not a traceback mid-run."""
+    try:
+        epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--workdir {workdir}: cannot create it ({e.strerror or e})") from None
+    if "://" not in workdir and not os.access(workdir, os.W_OK | os.X_OK):
+        raise UserError(f"--workdir {workdir}: not writable")
+
+
 def train(config: ConfigDict, workdir: str, mesh, task: Task) -> int:
     process_index, process_count = jax.process_index(), jax.process_count()
+    make_workdir(workdir)
     if config.eval_only and latest_step_dir(workdir) is None:
         raise _nothing_to_evaluate(workdir, "no checkpoint")
     if process_index == 0:

@@ -79,6 +79,9 @@ def _train(*args, tmp_path):
     )
 
 
+FILES = {"syntax.py": "def get_config(:\n", "no_get.py": "x = 1\n", "a_file": ""}
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -86,13 +89,19 @@ def _train(*args, tmp_path):
         (["--config", "configs/pretrain.py:nope"], "error: unknown preset 'nope'"),
         (["--config", "configs/pretrain.py:demo", "--config.train.global_batch_size=12"], "error: train.global_batch_size: 12"),
         (["--config", "configs/pretrain.py:demo", "--config.data.synthetic_bp=0", "--config.data.path=/nonexistent"], "error: /nonexistent: no manifest.json"),
+        (["--config", "configs/nothere.py:demo"], "error: --config configs/nothere.py: cannot read the config file (No such file or directory)"),
+        (["--config", "{tmp}/syntax.py"], "error: --config {tmp}/syntax.py:1: invalid syntax"),
+        (["--config", "{tmp}/no_get.py"], "error: --config: the config file defines no get_config() function"),
+        (["--config", "configs/pretrain.py:demo", "--workdir", "{tmp}/a_file/w"], "error: --workdir {tmp}/a_file/w: cannot create it"),
     ],
-    ids=["unknown-key", "unknown-preset", "batch-vs-devices", "no-manifest"],
+    ids=["unknown-key", "unknown-preset", "batch-vs-devices", "no-manifest", "no-config-file", "config-syntax", "no-get-config", "workdir-under-a-file"],
 )
 def test_command_line_errors_are_one_line_exit_2(args, message, tmp_path):
-    result = _train(*args, tmp_path=tmp_path)
+    for name, text in FILES.items():
+        (tmp_path / name).write_text(text)
+    result = _train(*[a.format(tmp=tmp_path) for a in args], tmp_path=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     lines = [l for l in result.stderr.splitlines() if l.strip()]
-    assert lines[-1].startswith(message), result.stderr[-2000:]
+    assert lines[-1].startswith(message.format(tmp=tmp_path)), result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "w" / "checkpoints").exists()

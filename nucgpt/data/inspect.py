@@ -16,7 +16,7 @@ from array_record.python.array_record_module import ArrayRecordReader
 
 from nucgpt.data import records
 from nucgpt.data.prepare import summary_table
-from nucgpt.errors import UserError, exits_cleanly_on_user_error
+from nucgpt.errors import UserError, exits_cleanly_on_user_error, parse_flags
 
 
 def iter_records(path: str | os.PathLike, split: str) -> Iterator[tuple[str, int, bytes]]:
@@ -67,7 +67,7 @@ def main(argv: Sequence[str]) -> None:
 
 def run() -> None:
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from typing import Iterator, Sequence
 from absl import app, flags
 
 from nucgpt.data import fasta, records
-from nucgpt.errors import UserError, exits_cleanly_on_user_error
+from nucgpt.errors import UserError, exits_cleanly_on_user_error, parse_flags
 
 SPLITS = ("train", "valid", "test")
 DEFAULT_INCLUDE = r".*"
@@ -376,7 +376,7 @@ def main(argv: Sequence[str]) -> None:
 
 def run() -> None:
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 from absl import app, flags
 
-from nucgpt.errors import UserError, exits_cleanly_on_user_error
+from nucgpt.errors import UserError, exits_cleanly_on_user_error, parse_flags
 
 LINE_WIDTH = 60
 _BLOCK_BP = LINE_WIDTH * 16384  # generated at once; a multiple of the line width so lines never split
@@ -158,7 +158,7 @@ def main(argv: Sequence[str]) -> None:
 
 def run() -> None:
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":
