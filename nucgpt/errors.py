@@ -1,6 +1,7 @@
 """User errors: bad input is reported as one line and a non-zero exit, never a traceback."""
 
 import functools
+import os
 import re
 import sys
 from typing import Callable, TypeVar
@@ -17,17 +18,35 @@ class UserError(Exception):
 
 
 def exits_cleanly_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
-    """Wraps an absl `main`: a UserError prints `error: <message>` on stderr and exits 2."""
+    """Wraps an absl `main`: a UserError prints `error: <message>` on stderr and exits 2; so does an
+    OSError about a named file (a full disk, a path that vanished): the file and the reason, one line."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            sys.exit(EXIT_USER_ERROR)
+            message = str(e)
+        except OSError as e:
+            if e.filename is None:
+                raise
+            message = f"{e.filename}: {e.strerror or e}"
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
 
     return wrapper
+
+
+def check_can_create(path: str, flag: str) -> None:
+    """`path` (a file or folder to be written) can be created: its nearest existing ancestor is a
+    writable folder. Checked before long work, so a bad output path fails first, not last."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"{flag} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: {existing} is not writable")
 
 
 def _unloadable_config_file() -> str | None:

@@ -40,7 +40,7 @@ from nucgpt import pretrained, sae
 from nucgpt import loss as lm_loss
 from nucgpt.data import records
 from nucgpt.data.pipeline import BATCH_KEYS, LmExample, make_lm_iterator, read_manifest
-from nucgpt.errors import UserError, exits_cleanly_on_user_error, parse_flags, start_main
+from nucgpt.errors import UserError, check_can_create, exits_cleanly_on_user_error, parse_flags, start_main
 from nucgpt.tasks.pretrain import bases_per_token
 from nucgpt.tokenizers import PAD_ID, Tokenizer, get_tokenizer
 
@@ -92,6 +92,7 @@ def check(options: Options) -> tuple[ConfigDict, epath.Path]:
         raise UserError(f"--learning_rate={options.learning_rate} must be positive")
     if os.path.exists(options.output) and not options.overwrite:
         raise UserError(f"--output {options.output} already exists; choose a new folder or pass --overwrite")
+    check_can_create(options.output, "--output")
     step_dir, config = pretrained.pretraining_checkpoint(options.checkpoint, "--checkpoint", "a sparse autoencoder")
     num_layers = config.model.num_layers
     if not 0 <= options.layer <= num_layers:

@@ -12,7 +12,6 @@ the libraries' INFO logs (orbax, jax) are hidden unless asked for: `--verbosity=
 """
 
 import math
-import os
 import signal
 import sys
 import time
@@ -21,14 +20,13 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 from absl import app, flags
-from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import ConfigDict, config_flags
 
 from nucgpt import config as config_lib
 from nucgpt import diagnostics, distributed, sharding
 from nucgpt.checkpoint import Checkpoints, latest_step_dir, save_config
-from nucgpt.errors import UserError, exits_cleanly_on_user_error, parse_flags, start_main
+from nucgpt.errors import UserError, check_can_create, exits_cleanly_on_user_error, parse_flags, start_main
 from nucgpt.flops import Throughput, batch_tokens
 from nucgpt.metrics_log import MetricsLogger
 from nucgpt.model.attention import mesh_platform
@@ -209,19 +207,16 @@ def _nothing_to_evaluate(workdir: str, why: str) -> UserError:
     return UserError(f"eval_only: {why} in {workdir}; train first, or point --workdir at a trained run")
 
 
-def make_workdir(workdir: str) -> None:
-    """Create --workdir (local or gs://) before anything runs: an unusable path is one error line, not a traceback mid-run."""
-    try:
-        epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--workdir {workdir}: cannot create it ({e.strerror or e})") from None
-    if "://" not in workdir and not os.access(workdir, os.W_OK | os.X_OK):
-        raise UserError(f"--workdir {workdir}: not writable")
+def check_workdir(workdir: str) -> None:
+    """An unusable local --workdir is one error line before anything runs; nothing is created here
+    (the first write creates it), so a run refused later leaves no empty folder behind."""
+    if "://" not in workdir:
+        check_can_create(workdir, "--workdir")
 
 
 def train(config: ConfigDict, workdir: str, mesh, task: Task) -> int:
     process_index, process_count = jax.process_index(), jax.process_count()
-    make_workdir(workdir)
+    check_workdir(workdir)
     if config.eval_only and latest_step_dir(workdir) is None:
         raise _nothing_to_evaluate(workdir, "no checkpoint")
     if process_index == 0:

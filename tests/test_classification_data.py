@@ -115,3 +115,10 @@ def test_eval_batches_hold_each_example_once_with_zero_weight_fillers():
 def test_a_sequence_longer_than_seq_len_is_a_user_error():
     with pytest.raises(UserError, match="longer than train.seq_len=128"):
         cd.assign_buckets(np.array([50, 200]), cd.bucket_lengths(128))
+
+
+def test_a_table_too_small_for_a_test_split_is_refused_before_training(tmp_path):
+    """One row per class leaves nothing to hold out: said up front, not after training finds no test batches."""
+    (tmp_path / "tiny.csv").write_text("sequence,label\nACGT,0\nACGA,abc\n")
+    with pytest.raises(UserError, match=r"tiny.csv: too few rows to hold out a test split .*'0': 1, 'abc': 1"):
+        cd.load(str(tmp_path / "tiny.csv"), 0.2, 0)

@@ -92,7 +92,7 @@ FILES = {"syntax.py": "def get_config(:\n", "no_get.py": "x = 1\n", "a_file": ""
         (["--config", "configs/nothere.py:demo"], "error: --config configs/nothere.py: cannot read the config file (No such file or directory)"),
         (["--config", "{tmp}/syntax.py"], "error: --config {tmp}/syntax.py:1: invalid syntax"),
         (["--config", "{tmp}/no_get.py"], "error: --config: the config file defines no get_config() function"),
-        (["--config", "configs/pretrain.py:demo", "--workdir", "{tmp}/a_file/w"], "error: --workdir {tmp}/a_file/w: cannot create it"),
+        (["--config", "configs/pretrain.py:demo", "--workdir", "{tmp}/a_file/w"], "error: --workdir {tmp}/a_file/w: {tmp}/a_file is a file, not a folder"),
     ],
     ids=["unknown-key", "unknown-preset", "batch-vs-devices", "no-manifest", "no-config-file", "config-syntax", "no-get-config", "workdir-under-a-file"],
 )

@@ -56,6 +56,9 @@ def load(path: str, test_fraction: float, split_seed: int) -> ClassificationData
     class_names, labels_N = _label_ids(label_texts)
     everything = LabelledSequences(tuple(sequences), labels_N)
     train_N, test_N = stratified_split(labels_N, test_fraction, split_seed)
+    if len(test_N) == 0:
+        counts = {name: int(np.sum(labels_N == i)) for i, name in enumerate(class_names)}
+        raise UserError(f"{path}: too few rows to hold out a test split (rows per class: {counts}); a class needs at least 2")
     return ClassificationData(
         train=_subset(everything, train_N),
         test=_subset(everything, test_N),

@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 from absl import app, flags
 
-from nucgpt.errors import UserError, exits_cleanly_on_user_error, parse_flags
+from nucgpt.errors import UserError, check_can_create, exits_cleanly_on_user_error, parse_flags
 
 LINE_WIDTH = 60
 _BLOCK_BP = LINE_WIDTH * 16384  # generated at once; a multiple of the line width so lines never split
@@ -110,22 +110,31 @@ def chromosome_sizes(bp: int, num_chroms: int) -> list[int]:
 
 
 def write_genome(path: str | os.PathLike, *, bp: int, seed: int, num_chroms: int = 4) -> None:
-    """Writes the genome as FASTA, gzip-compressed when `path` ends in .gz; same arguments, same bytes."""
+    """Writes the genome as FASTA, gzip-compressed when `path` ends in .gz; same arguments, same bytes.
+    Written beside `path` and renamed over it, so an interrupted run leaves no partial genome."""
     if bp < num_chroms or num_chroms <= 0:
         raise UserError(f"synthetic genome: need bp >= num_chroms > 0, got bp={bp}, num_chroms={num_chroms}")
+    path = os.fspath(path)
+    check_can_create(path, "--out")
     rng = np.random.default_rng(seed)
     families = _families(rng)
-    with open(path, "wb") as raw:
-        # No file name and no time in the gzip header: the same arguments give the same bytes.
-        compress = os.fspath(path).endswith(".gz")
-        out = gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=6, mtime=0) if compress else raw
-        for index, size in enumerate(chromosome_sizes(bp, num_chroms)):
-            out.write(f">chr{index + 1} synthetic softmasked chromosome\n".encode())
-            for start in range(0, size, _BLOCK_BP):
-                text = _block(rng, min(_BLOCK_BP, size - start), families, at_chrom_start=start == 0)
-                out.write(_wrap_lines(text))
-        if out is not raw:
-            out.close()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as raw:
+            # No file name and no time in the gzip header: the same arguments give the same bytes.
+            out = gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=6, mtime=0) if path.endswith(".gz") else raw
+            for index, size in enumerate(chromosome_sizes(bp, num_chroms)):
+                out.write(f">chr{index + 1} synthetic softmasked chromosome\n".encode())
+                for start in range(0, size, _BLOCK_BP):
+                    text = _block(rng, min(_BLOCK_BP, size - start), families, at_chrom_start=start == 0)
+                    out.write(_wrap_lines(text))
+            if out is not raw:
+                out.close()
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _wrap_lines(text: bytes) -> bytes:

@@ -1,0 +1,52 @@
+"""User errors: one line, exit 2, for bad paths as well as bad values."""
+
+import errno
+import os
+
+import pytest
+
+from nucgpt.errors import EXIT_USER_ERROR, UserError, check_can_create, exits_cleanly_on_user_error
+
+
+def _main_raising(error: BaseException):
+    @exits_cleanly_on_user_error
+    def main(argv):
+        raise error
+
+    return main
+
+
+def test_an_os_error_about_a_file_is_one_line_naming_it(capsys):
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/data/out/shard-00001.array_record")
+    with pytest.raises(SystemExit) as exit_info:
+        _main_raising(full)(["prog"])
+    assert exit_info.value.code == EXIT_USER_ERROR
+    assert capsys.readouterr().err == "error: /data/out/shard-00001.array_record: No space left on device\n"
+
+
+def test_an_os_error_without_a_file_is_not_hidden():
+    with pytest.raises(ConnectionResetError):
+        _main_raising(ConnectionResetError("peer went away"))(["prog"])
+
+
+def test_check_can_create(tmp_path):
+    check_can_create(str(tmp_path / "new" / "deeper" / "out.fa"), "--out")  # missing folders are fine
+    assert not (tmp_path / "new").exists()  # and nothing is created
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(UserError, match=r"^--out .*/a_file/x: .*/a_file is a file, not a folder$"):
+        check_can_create(str(tmp_path / "a_file" / "x"), "--out")
+    if os.geteuid() != 0:  # root may write anywhere
+        read_only = tmp_path / "read_only"
+        read_only.mkdir(mode=0o555)
+        with pytest.raises(UserError, match="is not writable"):
+            check_can_create(str(read_only / "x"), "--output")
+
+
+def test_synthetic_genome_under_a_file_is_refused_and_writes_nothing(tmp_path):
+    from nucgpt.data import synthetic
+
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        synthetic.write_genome(tmp_path / "a_file" / "g.fa", bp=1000, seed=0)
+    synthetic.write_genome(tmp_path / "g.fa.gz", bp=1000, seed=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "g.fa.gz"]  # no temporary left beside it
