@@ -126,6 +126,8 @@ def base_config() -> ConfigDict:
         dict(
             stack_traces="auto",  # auto (on for TPU) | on | off: cloud-tpu-diagnostics collection
             stack_trace_interval_s=600,
+            profile_steps=0,  # > 0: trace this many steps with jax.profiler into DIR/tensorboard (process 0)
+            profile_skip_steps=5,  # steps of the run before the trace starts (compilation, warm-up)
         )
     )
     return c

@@ -48,7 +48,10 @@ def architecture_differences(config: Mapping, other: Mapping, sections: tuple[st
     ]
 
 
-NON_NEGATIVE = ("train.repeat_weight", "optim.warmup_steps", "optim.weight_decay", "optim.clip_norm", "train.eval_steps")
+NON_NEGATIVE = (
+    "train.repeat_weight", "optim.warmup_steps", "optim.weight_decay", "optim.clip_norm", "train.eval_steps",
+    "diagnostics.profile_steps", "diagnostics.profile_skip_steps",
+)
 
 
 def get(config: ConfigDict, dotted: str):

@@ -102,6 +102,7 @@ class Loop:
         self.trainer, self.config, self.task = trainer, trainer.config, trainer.task
         self.workdir, self.checkpoints, self.train_iterator, self.state = workdir, checkpoints, train_iterator, state
         self.logger = MetricsLogger(workdir, enabled=jax.process_index() == 0)
+        self.profiler = diagnostics.StepProfiler(trainer.config.diagnostics, f"{workdir.rstrip('/')}/tensorboard", enabled=jax.process_index() == 0)
         self.window: dict | None = None
         self.last_saved = checkpoints.latest_step()
 
@@ -139,27 +140,35 @@ class Loop:
         self.throughput = Throughput(config, step)
         pending = None
         eval_metrics = None
-        while step < config.train.steps:
-            batch = self.trainer.global_batch(next(self.train_iterator))
-            self.state, metrics = self.trainer.train_step(self.state, batch)
-            step += 1
-            if pending is not None:
-                self.absorb(*pending)
-            pending = (step, metrics, batch_tokens(batch))
-            last = step == config.train.steps
-            preempted = preemption.agreed(step)
-            do_eval = step % config.train.eval_every == 0 or last
-            do_save = step % config.checkpoint.every == 0 or last or preempted
-            if do_eval or do_save:
-                self.absorb(*pending)
-                pending = None
-            if do_save:
-                self.save(step)
-            if do_eval and not preempted:
-                eval_metrics = self.run_eval(step)
-                self.throughput.restart(step)
-            if preempted:
-                return step, eval_metrics, True
+        run_step = 0  # steps of this process's run: the profiler counts from its start, resumed or not
+        try:
+            while step < config.train.steps:
+                run_step += 1
+                self.profiler.before_step(run_step)
+                batch = self.trainer.global_batch(next(self.train_iterator))
+                with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
+                    self.state, metrics = self.trainer.train_step(self.state, batch)
+                step += 1
+                self.profiler.after_step(run_step, metrics)
+                if pending is not None:
+                    self.absorb(*pending)
+                pending = (step, metrics, batch_tokens(batch))
+                last = step == config.train.steps
+                preempted = preemption.agreed(step)
+                do_eval = step % config.train.eval_every == 0 or last
+                do_save = step % config.checkpoint.every == 0 or last or preempted
+                if do_eval or do_save:
+                    self.absorb(*pending)
+                    pending = None
+                if do_save:
+                    self.save(step)
+                if do_eval and not preempted:
+                    eval_metrics = self.run_eval(step)
+                    self.throughput.restart(step)
+                if preempted:
+                    return step, eval_metrics, True
+        finally:
+            self.profiler.stop()
         if pending is not None:
             self.absorb(*pending)
         return step, eval_metrics, False

@@ -208,3 +208,16 @@ def test_throughput_counts_each_batch_at_its_own_length():
     measured = throughput.measure(2)
     assert measured["tokens_per_sec"] == pytest.approx(32 * (16 + 64) / 2.0, rel=1e-3)
     assert throughput.tokens == 0 and throughput.step == 2
+
+
+def test_profile_steps_writes_a_trace_tensorboard_reads(genome, tmp_path):
+    """diagnostics.profile_steps traces whole steps of the real loop into DIR/tensorboard/plugins/profile."""
+    workdir = tmp_path / "profiled"
+    result = run_train(workdir, genome, "--config.train.steps=4", "--config.diagnostics.profile_steps=2",
+                       "--config.diagnostics.profile_skip_steps=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    traces = list((workdir / "tensorboard" / "plugins" / "profile").rglob("*.xplane.pb"))
+    assert len(traces) == 1 and f"profile of 2 step(s) written: {traces[0]}" in result.stdout
+    profile = jax.profiler.ProfileData.from_file(str(traces[0]))
+    host_events = [e.name for plane in profile.planes for line in plane.lines for e in line.events]
+    assert sum(name == "train" for name in host_events) == 2, sorted(set(host_events))[:50]  # the two steps' annotations
