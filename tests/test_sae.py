@@ -274,3 +274,26 @@ def test_output_appears_whole_or_not_at_all(tmp_path, monkeypatch):
     monkeypatch.undo()
     sae_train.write_output(str(out), params, {"v": 2}, [{"latent": 0}], "new\n")
     assert os.listdir(tmp_path) == ["sae"] and json.loads((out / "sae.json").read_text()) == {"v": 2}
+
+
+@pytest.mark.parametrize("tokenizer", ["kmer6_nonoverlap", "kmer6_overlap"])
+def test_eval_batch_flags_each_kmer_token_by_its_first_base(tokenizer):
+    """k-mer models: one flag per input token (a repeat = most of its 6 bases lowercase), its first base,
+    and UNK k-mers (any N) masked out like padding."""
+    from nucgpt.data import records
+    from nucgpt.tokenizers import get_tokenizer
+
+    config = get_config("demo")
+    config.data.update(tokenizer=tokenizer, kmer_pad_multiple=8)
+    config.train.seq_len = 3
+    if tokenizer == "kmer6_nonoverlap":  # tokens CCGTAC | gcgtac | NNNNNN, then the target k-mer
+        sequence, first_bases, repeat, mask = b"CCGTAC" b"gcgtac" b"NNNNNN" b"GGGGGG", [1, 2], [0, 1, 0], [1, 1, 0]
+    else:  # tokens at offsets 0, 1, 2: CCgtac, CgtacN (UNK), gtacNT (UNK); 4 of 6 bases lowercase in each
+        sequence, first_bases, repeat, mask = b"CCgtacNTG", [1], [1, 1, 1], [1, 0, 0]
+    window = sae_train.Window("chrX", 0, sequence)
+    batch = sae_train._eval_batch(config, [records.encode_record("chrX", 0, sequence)], [window], rows=1)
+    ids = get_tokenizer(tokenizer, pad_multiple=8).encode(sequence)[0][:3]
+    np.testing.assert_array_equal(batch["inputs"][0], ids)
+    np.testing.assert_array_equal(batch["mask"][0], mask)
+    np.testing.assert_array_equal(batch["repeat"][0], repeat)
+    np.testing.assert_array_equal(batch["base"][0][batch["mask"][0]], first_bases)
