@@ -46,8 +46,6 @@ _ALLOW_N = flags.DEFINE_bool("allow_n", False, "Let the nucleotide model generat
 _OUTPUT = flags.DEFINE_string("output", None, "The FASTA file to write (replaced atomically).")
 
 NUCLEOTIDE_N_ID = 5  # nucleotide ids: PAD, A, C, G, T, N = 0..5
-_NUCLEOTIDE_BASES_U8 = np.frombuffer(b"NACGTN", np.uint8)  # id → base; PAD (never sampled) reads as N
-_ACGT_U8 = np.frombuffer(b"ACGT", np.uint8)
 LINE_WIDTH = 80
 
 
@@ -122,17 +120,6 @@ def allowed_tokens(tokenizer: Tokenizer, vocab_size: int, allow_n: bool) -> np.n
     else:
         allowed_V[KMER_UNK_ID] = False
     return allowed_V
-
-
-def decode(tokens_SxT: np.ndarray, tokenizer: Tokenizer) -> np.ndarray:
-    """Token ids → uppercase bases, uint8 [S, T·k]; k-mer ids 2.. are k base-4 digits, A<C<G<T.
-    PAD (and a k-mer's UNK), never sampled, read as N."""
-    if tokenizer.k == 1:
-        return _NUCLEOTIDE_BASES_U8[tokens_SxT]
-    shifts_K = 2 * np.arange(tokenizer.k - 1, -1, -1)
-    codes_SxTxK = ((tokens_SxT[..., None] - 2) >> shifts_K) & 3
-    bases_SxTxK = np.where(tokens_SxT[..., None] >= 2, _ACGT_U8[codes_SxTxK], ord("N")).astype(np.uint8)
-    return bases_SxTxK.reshape(tokens_SxT.shape[0], -1)
 
 
 def _pick(logits_SxV: jax.Array, key: jax.Array, allowed_V: jax.Array, temperature: jax.Array, top_k: jax.Array) -> jax.Array:
@@ -240,7 +227,7 @@ def main(argv) -> None:
         allowed_V=allowed_tokens(tokenizer, config.model.vocab_size, _ALLOW_N.value), seed=_SEED.value,
     )
     seconds = time.perf_counter() - start
-    generated_SxN = decode(tokens_SxT, tokenizer)[:, :num_bases]
+    generated_SxN = tokenizer.decode(tokens_SxT)[:, :num_bases]
     settings = f"prompt_bp={len(prompt)} generated_bp={num_bases} temperature={_TEMPERATURE.value} top_k={_TOP_K.value} seed={_SEED.value}"
     records = [(f"sample_{i} {settings}", prompt.upper() + bases.tobytes().decode("ascii")) for i, bases in enumerate(generated_SxN)]
     write_fasta(_OUTPUT.value, records)

@@ -42,15 +42,11 @@ from nucgpt.data import records
 from nucgpt.data.pipeline import BATCH_KEYS, LmExample, make_lm_iterator, read_manifest
 from nucgpt.errors import UserError, check_can_create, exits_cleanly_on_user_error, parse_flags, start_main
 from nucgpt.tasks.pretrain import bases_per_token
-from nucgpt.tokenizers import PAD_ID, Tokenizer, get_tokenizer
+from nucgpt.tokenizers import BASES, PAD_ID, Tokenizer, base_codes, get_tokenizer
 
 CONTEXT_BP = 16
-BASES = "ACGT"
 MIN_FIRINGS = 10  # a latent needs this many eval firings to enter the enrichment tables
 TABLE_ROWS = 10
-_BASE_INDEX_U8 = np.full(256, -1, np.int8)
-for _i, _base in enumerate(BASES):
-    _BASE_INDEX_U8[ord(_base)] = _BASE_INDEX_U8[ord(_base.lower())] = _i
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,8 +248,8 @@ def _eval_batch(config: ConfigDict, raw: list[bytes], windows: list[Window], row
     for row, window in enumerate(windows):
         repeat_T = tokenizer.encode(window.sequence)[1][:seq_len]
         batch["repeat"][row, : len(repeat_T)] = repeat_T
-        bases_T = _BASE_INDEX_U8[np.frombuffer(window.sequence, np.uint8)[::bp_per_token][:seq_len]]
-        batch["base"][row, : len(bases_T)] = np.maximum(bases_T, 0)  # N only where the mask is off
+        bases_T = base_codes(window.sequence[::bp_per_token][:seq_len])
+        batch["base"][row, : len(bases_T)] = np.where(bases_T < len(BASES), bases_T, 0)  # N only where the mask is off
     return batch
 
 

@@ -35,6 +35,14 @@ _IS_LOWER_U8 = np.zeros(256, bool)
 _IS_LOWER_U8[ord("a") : ord("z") + 1] = True
 # Base code for k-mers: A,C,G,T = 0..3; 4 marks N (or anything else) so that the k-mer becomes UNK.
 _BASE_CODE_U8 = np.where(_NUCLEOTIDE_ID_U8 <= 4, _NUCLEOTIDE_ID_U8.astype(np.int32) - 1, 4).astype(np.uint8)
+BASES = "ACGT"  # base code order, and the k-mer digit order (first base most significant)
+_CODE_BASE_U8 = np.frombuffer(b"ACGTN", np.uint8)  # base code → uppercase base
+_NUCLEOTIDE_BASE_U8 = np.frombuffer(b"NACGTN", np.uint8)  # nucleotide id → base; PAD reads as N
+
+
+def base_codes(seq: bytes | str | np.ndarray) -> np.ndarray:
+    """Per base: A,C,G,T (either case) = 0..3 (the index into BASES), anything else (N) = 4."""
+    return _BASE_CODE_U8[_as_u8(seq)]
 
 
 def _as_u8(seq: bytes | str | np.ndarray) -> np.ndarray:
@@ -86,6 +94,21 @@ class Tokenizer:
             repeat = np.concatenate([repeat, np.zeros(pad, bool)])
             valid = np.concatenate([valid, np.zeros(pad, bool)])
         return ids, repeat, valid
+
+    def decode(self, ids: np.ndarray) -> np.ndarray:
+        """Token ids [..., T] → uppercase bases, uint8 [..., bases]: the inverse of `encode` up to case.
+
+        PAD and UNK read as N (k N's per consecutive k-mer). Consecutive k-mers give T·k bases;
+        overlapping ones the first base of each k-mer then the rest of the last, T + k - 1.
+        """
+        ids = np.asarray(ids)
+        if self.k == 1:
+            return _NUCLEOTIDE_BASE_U8[ids]
+        shifts_K = 2 * np.arange(self.k - 1, -1, -1)
+        codes_TxK = np.where(ids[..., None] >= 2, ((ids[..., None] - 2) >> shifts_K) & 3, 4)
+        if self.overlap:
+            codes_TxK = np.concatenate([codes_TxK[..., :, 0], codes_TxK[..., -1, 1:]], axis=-1) if ids.shape[-1] else codes_TxK[..., 0]
+        return _CODE_BASE_U8[codes_TxK].reshape(ids.shape[:-1] + (-1,))
 
     def _encode_kmers(self, seq_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         k = self.k

@@ -138,7 +138,7 @@ def test_top_k_keeps_the_k_most_likely_tokens_and_top_1_is_greedy():
 def test_kmer_tokens_decode_to_their_bases_and_pad_unk_are_never_allowed():
     bases = "ACGTTGCAAGCTTTTTTTACGGAC"
     ids, _, _ = KMER.encode(bases)
-    np.testing.assert_array_equal(generate.decode(ids[None], KMER)[0], np.frombuffer(bases.encode(), np.uint8))
+    np.testing.assert_array_equal(KMER.decode(ids[None])[0], np.frombuffer(bases.encode(), np.uint8))
     allowed_V = generate.allowed_tokens(KMER, 4100, allow_n=False)
     assert not allowed_V[[0, 1, 4098, 4099]].any() and allowed_V[2:4098].all()
 

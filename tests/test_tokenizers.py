@@ -73,3 +73,15 @@ def test_kmer_matches_python_reference(name):
 def test_unknown_tokenizer_is_user_error():
     with pytest.raises(UserError, match="unknown tokenizer 'bpe'"):
         get_tokenizer("bpe")
+
+
+@pytest.mark.parametrize("name", ["nucleotide", "kmer6_overlap", "kmer6_nonoverlap"])
+def test_decode_inverts_encode_up_to_case(name):
+    tokenizer = get_tokenizer(name, pad_multiple=1)
+    bases = "ACGTTGCAAGCttttttTACGGACGA"[: 24 if name == "kmer6_nonoverlap" else 26]
+    ids, _, _ = tokenizer.encode(bases)
+    assert tokenizer.decode(ids).tobytes().decode() == bases.upper()
+    assert tokenizer.decode(np.stack([ids, ids])).shape == (2, len(bases))  # any leading batch shape
+    k = 1 if name == "nucleotide" else 6
+    assert tokenizer.decode(tokenizer.encode("N" if k == 1 else "ACNGTA")[0]).tobytes() == b"N" * k  # N / UNK
+    assert tokenizer.decode(np.array([PAD_ID])).tobytes() == b"N" * k
