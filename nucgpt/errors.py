@@ -37,16 +37,22 @@ def exits_cleanly_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
-def check_can_create(path: str, flag: str) -> None:
-    """`path` (a file or folder to be written) can be created: its nearest existing ancestor is a
-    writable folder. Checked before long work, so a bad output path fails first, not last."""
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise UserError(f"{flag} {path}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {path}: {existing} is not writable")
+def check_can_create(path: str, flag: str, *, folder: bool) -> None:
+    """`path` can be written: a folder (written into) or a file (replaced by a rename beside it).
+    Checked before long work, so a bad output path fails first, not last."""
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        if folder != os.path.isdir(path):
+            raise UserError(f"{flag} {path}: is a {'file' if folder else 'folder'}, not a {'folder' if folder else 'file'}")
+        target = path if folder else os.path.dirname(path)
+    else:
+        target = os.path.dirname(path)
+        while not os.path.exists(target):
+            target = os.path.dirname(target)
+        if not os.path.isdir(target):
+            raise UserError(f"{flag} {path}: {target} is a file, not a folder")
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: {target} is not writable")
 
 
 def _unloadable_config_file() -> str | None:

@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from etils import epath
 from flax import nnx
 from ml_collections import ConfigDict
 
@@ -73,14 +72,6 @@ def read_prompt_fasta(path: str) -> str:
     if len(records) != 1:
         raise UserError(f"--prompt_fasta {path}: holds {len(records)} records; give a file with one (the prompt)")
     return b"".join(records[0]).decode("ascii")
-
-
-def load_model(step_dir: epath.Path, config: ConfigDict) -> Transformer:
-    """The checkpoint's Transformer on one device, with the attention backend left to the platform:
-    a prompt's length is no training shape, and a named kernel (splash) may not take it."""
-    model_config = config.model.copy_and_resolve_references()
-    model_config.attention = "auto"
-    return pretrained.load_transformer(step_dir, model_config)
 
 
 def generation_tokenizer(config: ConfigDict) -> Tokenizer:
@@ -219,7 +210,7 @@ def main(argv) -> None:
     step_dir, config = pretrained.pretraining_checkpoint(_CHECKPOINT.value, "--checkpoint", "generation")
     tokenizer = generation_tokenizer(config)
     check_fits_model(prompt, num_bases, tokenizer, config.train.seq_len, _ALLOW_N.value)
-    model = load_model(step_dir, config)
+    model = pretrained.load_for_inference(step_dir, config)
     start = time.perf_counter()
     tokens_SxT = sample(
         model, tokenizer.encode(prompt)[0], -(-num_bases // tokenizer.k),

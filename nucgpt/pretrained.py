@@ -31,3 +31,11 @@ def load_transformer(step_dir: epath.Path, model_config: ConfigDict) -> Transfor
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nnx.to_pure_dict(state))
     nnx.replace_by_pure_dict(state, checkpoint.load_pretrained(str(step_dir), target)[1])
     return nnx.merge(graphdef, state)
+
+
+def load_for_inference(step_dir: epath.Path, config: ConfigDict) -> Transformer:
+    """`load_transformer` with the attention backend left to the platform (`auto`): inference
+    lengths are not the training shape, and a named kernel (splash) may not take them."""
+    model_config = config.model.copy_and_resolve_references()
+    model_config.attention = "auto"
+    return load_transformer(step_dir, model_config)

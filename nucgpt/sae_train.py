@@ -88,7 +88,7 @@ def check(options: Options) -> tuple[ConfigDict, epath.Path]:
         raise UserError(f"--learning_rate={options.learning_rate} must be positive")
     if os.path.exists(options.output) and not options.overwrite:
         raise UserError(f"--output {options.output} already exists; choose a new folder or pass --overwrite")
-    check_can_create(options.output, "--output")
+    check_can_create(options.output, "--output", folder=True)
     step_dir, config = pretrained.pretraining_checkpoint(options.checkpoint, "--checkpoint", "a sparse autoencoder")
     num_layers = config.model.num_layers
     if not 0 <= options.layer <= num_layers:

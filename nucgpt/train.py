@@ -220,7 +220,7 @@ def check_workdir(workdir: str) -> None:
     """An unusable local --workdir is one error line before anything runs; nothing is created here
     (the first write creates it), so a run refused later leaves no empty folder behind."""
     if "://" not in workdir:
-        check_can_create(workdir, "--workdir")
+        check_can_create(workdir, "--workdir", folder=True)
 
 
 def train(config: ConfigDict, workdir: str, mesh, task: Task) -> int:

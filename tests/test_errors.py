@@ -30,16 +30,23 @@ def test_an_os_error_without_a_file_is_not_hidden():
 
 
 def test_check_can_create(tmp_path):
-    check_can_create(str(tmp_path / "new" / "deeper" / "out.fa"), "--out")  # missing folders are fine
+    check_can_create(str(tmp_path / "new" / "deeper" / "out.fa"), "--out", folder=False)  # missing folders are fine
+    check_can_create(str(tmp_path / "new" / "workdir"), "--workdir", folder=True)
     assert not (tmp_path / "new").exists()  # and nothing is created
     (tmp_path / "a_file").write_text("")
+    check_can_create(str(tmp_path / "a_file"), "--output", folder=False)  # an existing file is replaced
+    with pytest.raises(UserError, match=r"^--workdir .*/a_file: is a file, not a folder$"):
+        check_can_create(str(tmp_path / "a_file"), "--workdir", folder=True)
+    with pytest.raises(UserError, match=r"^--output .*/new_dir: is a folder, not a file$"):
+        (tmp_path / "new_dir").mkdir()
+        check_can_create(str(tmp_path / "new_dir"), "--output", folder=False)
     with pytest.raises(UserError, match=r"^--out .*/a_file/x: .*/a_file is a file, not a folder$"):
-        check_can_create(str(tmp_path / "a_file" / "x"), "--out")
+        check_can_create(str(tmp_path / "a_file" / "x"), "--out", folder=False)
     if os.geteuid() != 0:  # root may write anywhere
         read_only = tmp_path / "read_only"
         read_only.mkdir(mode=0o555)
         with pytest.raises(UserError, match="is not writable"):
-            check_can_create(str(read_only / "x"), "--output")
+            check_can_create(str(read_only / "x"), "--output", folder=True)
 
 
 def test_synthetic_genome_under_a_file_is_refused_and_writes_nothing(tmp_path):

@@ -25,7 +25,7 @@ KMER = get_tokenizer("kmer6_nonoverlap", pad_multiple=1)
 
 def init_model(cfg) -> Transformer:
     """Random parameters drawn by numpy (norm scales around 1): compiling jax's init takes ~10 s here.
-    On device 0, as `generate.load_model` restores them, so both share compiled functions."""
+    On device 0, as `pretrained.load_for_inference` restores them, so both share compiled functions."""
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
     rng = np.random.default_rng(0)
     params = jax.tree_util.tree_map_with_path(

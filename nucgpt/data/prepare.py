@@ -175,7 +175,7 @@ def prepare(
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out_dir) and not overwrite:
         raise UserError(f"--out {out_dir} already exists (pass --overwrite to replace it)")
-    check_can_create(out_dir, "--out")
+    check_can_create(out_dir, "--out", folder=True)
     options = dict(window=window, stride=stride, max_n=max_n, keep_tail=keep_tail, valid_chroms=list(valid_chroms),
                    test_chroms=list(test_chroms), include=include, exclude=exclude,
                    records_per_shard=records_per_shard)

@@ -115,7 +115,7 @@ def write_genome(path: str | os.PathLike, *, bp: int, seed: int, num_chroms: int
     if bp < num_chroms or num_chroms <= 0:
         raise UserError(f"synthetic genome: need bp >= num_chroms > 0, got bp={bp}, num_chroms={num_chroms}")
     path = os.fspath(path)
-    check_can_create(path, "--out")
+    check_can_create(path, "--out", folder=False)
     rng = np.random.default_rng(seed)
     families = _families(rng)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

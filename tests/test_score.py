@@ -1,0 +1,124 @@
+"""Scoring: each record's log-likelihood is the model's own loss on it, however records are batched."""
+
+import math
+import re
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from nucgpt import loss as lm_loss
+from nucgpt import score
+from nucgpt.tokenizers import get_tokenizer
+from test_generate import checkpoint_config, init_model, write_checkpoint
+
+SEQ_LEN = 64  # checkpoint_config's train.seq_len; buckets of 64 only (bucket_lengths starts at 64)
+
+
+@pytest.fixture(scope="module")
+def model():
+    config = checkpoint_config()
+    return config, init_model(config.model)
+
+
+def reference_log_likelihood(model_, sequence: bytes) -> tuple[float, int]:
+    """Σ log p over valid targets from one unpadded forward pass of the whole record."""
+    ids, _, valid = get_tokenizer("nucleotide").encode(sequence)
+    logits = model_(ids[None, :-1])
+    log_p = -np.asarray(lm_loss.cross_entropy(logits, ids[None, 1:]))[0]
+    return float(np.sum(log_p * valid[1:])), int(valid[1:].sum())
+
+
+def test_scores_match_the_unpadded_forward_pass_in_any_batching(model):
+    config, model_ = model
+    rng = np.random.default_rng(0)
+    context = 128  # padded lengths 64 and 128: records of up to 65 tokens go to the first, the rest to the second
+    lengths = [129, 2, 30, 65, 66, 17]  # 129 bases = context + 1 tokens: the longest that fits
+    records = [score.Record(f"r{i}", rng.choice(list(b"ACGTacgt"), n).astype(np.uint8).tobytes()) for i, n in enumerate(lengths)]
+    records.append(score.Record("with_n", b"ACGTNNacgtAC"))
+    tokenizer = get_tokenizer("nucleotide")
+    tokenized = [score.tokenize(r, tokenizer, context + 1) for r in records]
+    graphdef, state = nnx.split(model_)
+    rows = score.score_records(records, tokenized, graphdef, nnx.to_pure_dict(state), context, 1, batch_size=4)
+    assert [row["name"] for row in rows] == [r.name for r in records]
+    for record, row in zip(records, rows):
+        expected, scored = reference_log_likelihood(model_, record.sequence)
+        assert row["scored_tokens"] == scored and row["bases"] == len(record.sequence)
+        np.testing.assert_allclose(row["log_likelihood"], expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(row["bits_per_base"], -expected / scored / math.log(2), rtol=1e-5)
+        assert row["repeat_tokens"] + row["unique_tokens"] == scored
+        repeat_nats = row["bits_per_base_repeat"] * math.log(2) * row["repeat_tokens"] if row["repeat_tokens"] else 0.0
+        unique_nats = row["bits_per_base_unique"] * math.log(2) * row["unique_tokens"] if row["unique_tokens"] else 0.0
+        np.testing.assert_allclose(repeat_nats + unique_nats, -expected, rtol=1e-5, atol=1e-5)
+    assert rows[-1]["scored_tokens"] == 9  # 11 targets; the two N are not scored (as in the training loss)
+    again = score.score_records(records[::-1], tokenized[::-1], graphdef, nnx.to_pure_dict(state), context, 1, batch_size=1)
+    for a, b in zip(rows, again[::-1]):
+        np.testing.assert_allclose(a["log_likelihood"], b["log_likelihood"], rtol=1e-5, atol=1e-5)
+
+
+def test_a_record_longer_than_the_context_or_of_one_token_is_refused():
+    tokenizer = get_tokenizer("nucleotide")
+    with pytest.raises(score.UserError, match=r"record 'long': 66 bp is 66 tokens, more than the model's trained context of 65"):
+        score.tokenize(score.Record("long", b"A" * 66), tokenizer, SEQ_LEN + 1)
+    with pytest.raises(score.UserError, match="is one token"):
+        score.tokenize(score.Record("one", b"A"), tokenizer, SEQ_LEN + 1)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, model):
+    config, model_ = model
+    return write_checkpoint(tmp_path_factory.mktemp("pretrain"), config, nnx.to_pure_dict(nnx.state(model_)))
+
+
+def test_writes_one_row_per_record(tmp_path, capsys, checkpoint, model):
+    fasta = tmp_path / "in.fa"
+    fasta.write_text(">ref chr1:100-130\nACGTACGTTTGACCAGGTacgtacgtacgtaa\n>alt\nACGTACGTTTGACCAGGTacgtacgtacgtac\n")
+    output = tmp_path / "out" / "scores.tsv"
+    score.score_fasta(str(checkpoint), str(fasta), str(output))
+    out = capsys.readouterr().out
+    header, *lines = output.read_text().splitlines()
+    assert header.split("\t") == list(score.COLUMNS)
+    assert [line.split("\t")[0] for line in lines] == ["ref", "alt"]
+    ref = dict(zip(score.COLUMNS, lines[0].split("\t")))
+    expected, scored = reference_log_likelihood(model[1], b"ACGTACGTTTGACCAGGTacgtacgtacgtaa")
+    assert int(ref["scored_tokens"]) == scored == 31 and int(ref["repeat_tokens"]) == 14
+    np.testing.assert_allclose(float(ref["log_likelihood"]), expected, atol=2e-6)
+    assert sorted(p.name for p in output.parent.iterdir()) == ["scores.tsv"]
+    assert "scored 2 record(s), 64 bp" in out
+
+
+@pytest.mark.parametrize(
+    "fasta_text, message",
+    [
+        (">a\nACGT\n>b\n" + "A" * 70 + "\n", r"record 'b': 70 bp is 70 tokens, more than the model's trained context of 65"),
+        ("", r".*in.fa: empty file"),
+        (">a\nACGTXA\n", r".*in.fa:2: invalid character 'X'"),
+    ],
+)
+def test_bad_input_is_refused_before_the_model_loads_and_writes_nothing(tmp_path, checkpoint, fasta_text, message, monkeypatch):
+    fasta = tmp_path / "in.fa"
+    fasta.write_text(fasta_text)
+    monkeypatch.setattr(score.pretrained, "load_for_inference", lambda *_: pytest.fail("the model was loaded"))
+    with pytest.raises(score.UserError, match=message):
+        score.score_fasta(str(checkpoint), str(fasta), str(tmp_path / "out.tsv"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.fa"]
+
+
+def test_cli_error_is_one_line_exit_2(tmp_path):
+    """The command itself: a user error is one `error:` line on stderr and exit status 2."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "nucgpt.score", "--checkpoint", str(tmp_path / "none"), "--fasta", "x.fa",
+                             "--output", str(tmp_path / "o.tsv")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.startswith("error: --checkpoint: no checkpoint found"), result.stderr
+    assert result.stderr.count("\n") == 1 and not list(tmp_path.iterdir())
+
+
+def test_an_existing_output_is_replaced(tmp_path, checkpoint):
+    fasta, output = tmp_path / "in.fa", tmp_path / "scores.tsv"
+    fasta.write_text(">a\nACGTACGT\n")
+    output.write_text("old\n")
+    score.score_fasta(str(checkpoint), str(fasta), str(output))
+    assert output.read_text().startswith("name\tbases")
