@@ -7,13 +7,16 @@ N bases, UNK k-mers and padding are never targets). Case is kept, so each record
 bits per base on repeats (lowercase) and on unique sequence. Comparing two records' log-likelihoods
 (a reference and an alternative allele in the same flanks) is the usual zero-shot variant score.
 
-A record must fit the model's trained context (`train.seq_len` + 1 tokens); batches are padded to
-a few power-of-two lengths so compilation stays bounded. Output: one TSV row per record, written
-atomically; progress on stderr every ~10 s.
+A record longer than the model's trained context (`train.seq_len` + 1 tokens) is scored in
+overlapping windows (`--stride` tokens apart, default half the context): every target exactly once,
+with at least `seq_len + 1 - stride` tokens of context. Windows are padded to a few power-of-two
+lengths so compilation stays bounded. Output: one TSV row per record, written atomically; progress
+on stderr every ~10 s.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
@@ -65,19 +68,42 @@ def read_records(path: str) -> Iterator[Record]:
         yield Record(name, b"".join(pieces))
 
 
-def tokenize(record: Record, tokenizer: Tokenizer, max_tokens: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(ids, repeat, valid) of one record, checked against the model's context of `max_tokens`."""
+def tokenize(record: Record, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, repeat, valid) of one record; it needs two tokens (one to predict)."""
     if not record.sequence:
         raise UserError(f"record {record.name!r}: no bases")
     ids, repeat, valid = tokenizer.encode(record.sequence)
     if len(ids) < 2:
         raise UserError(f"record {record.name!r}: {len(record.sequence)} bp is one token; scoring needs two (one to predict)")
-    if len(ids) > max_tokens:
-        raise UserError(
-            f"record {record.name!r}: {len(record.sequence)} bp is {len(ids)} tokens, more than the model's trained context "
-            f"of {max_tokens} (train.seq_len + 1); split it into windows"
-        )
     return ids, repeat, valid
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """A stretch of one record's tokens: inputs `ids[:-1]`, targets `ids[1:]`; `repeat` and `scored`
+    are per target, `scored` only where the target is valid and no earlier window scored it."""
+
+    record: int
+    ids: np.ndarray
+    repeat: np.ndarray
+    scored: np.ndarray
+
+
+def windows(record: int, ids: np.ndarray, repeat: np.ndarray, valid: np.ndarray, max_tokens: int, stride: int) -> list[Window]:
+    """The record whole when it fits `max_tokens` (the trained context + 1); else windows of
+    `max_tokens` starting every `stride` tokens, the last ending at the record's end. Each target is
+    scored once, in the first window that holds it, after at least `max_tokens - stride` tokens of
+    context (fewer only at the record's start)."""
+    if len(ids) <= max_tokens:
+        return [Window(record, ids, repeat[1:], valid[1:])]
+    starts = list(range(0, len(ids) - max_tokens, stride)) + [len(ids) - max_tokens]
+    out, scored_until = [], 0  # targets up to this token index are scored (index 0 never is a target)
+    for start in starts:
+        end = start + max_tokens
+        new_T = np.arange(start + 1, end) > scored_until
+        out.append(Window(record, ids[start:end], repeat[start + 1 : end], valid[start + 1 : end] & new_T))
+        scored_until = end - 1
+    return out
 
 
 @functools.partial(jax.jit, static_argnames="graphdef")
@@ -97,16 +123,16 @@ def _row_sums(graphdef: nnx.GraphDef, params, inputs_BxL, targets_BxL, valid_BxL
     }
 
 
-def score_batch(graphdef, params, tokenized: list[tuple[np.ndarray, np.ndarray, np.ndarray]], length: int, rows: int) -> dict[str, np.ndarray]:
-    """Sums for up to `rows` tokenized records padded to `length` inputs (missing rows are all padding)."""
+def score_batch(graphdef, params, batch: list[Window], length: int, rows: int) -> dict[str, np.ndarray]:
+    """Sums for up to `rows` windows padded to `length` inputs (missing rows are all padding)."""
     inputs, targets = np.full((rows, length), PAD_ID, np.int32), np.full((rows, length), PAD_ID, np.int32)
-    valid, repeat = np.zeros((rows, length), bool), np.zeros((rows, length), bool)
-    for row, (ids, repeat_T, valid_T) in enumerate(tokenized):
-        n = len(ids) - 1
-        inputs[row, :n], targets[row, :n] = ids[:-1], ids[1:]
-        valid[row, :n], repeat[row, :n] = valid_T[1:], repeat_T[1:]
-    sums = jax.device_get(_row_sums(graphdef, params, inputs, targets, valid, repeat))
-    return {k: v[: len(tokenized)] for k, v in sums.items()}
+    scored, repeat = np.zeros((rows, length), bool), np.zeros((rows, length), bool)
+    for row, window in enumerate(batch):
+        n = len(window.ids) - 1
+        inputs[row, :n], targets[row, :n] = window.ids[:-1], window.ids[1:]
+        scored[row, :n], repeat[row, :n] = window.scored, window.repeat
+    sums = jax.device_get(_row_sums(graphdef, params, inputs, targets, scored, repeat))
+    return {k: v[: len(batch)] for k, v in sums.items()}
 
 
 def _bits_per_base(log_likelihood: float, tokens: float, bp_per_token: int) -> float:
@@ -114,35 +140,42 @@ def _bits_per_base(log_likelihood: float, tokens: float, bp_per_token: int) -> f
 
 
 def score_records(records: list[Record], tokenized: list, graphdef, params, seq_len: int, bp_per_token: int,
-                  batch_size: int, progress_every_s: float = 10.0) -> list[dict]:
-    """One row of COLUMNS per record (`tokenized`: their `tokenize` results), in input order. Records
-    go to the smallest padded length that holds them and are batched within it, so a short record
-    never pays for a long one."""
+                  batch_size: int, stride: int | None = None, progress_every_s: float = 10.0) -> list[dict]:
+    """One row of COLUMNS per record (`tokenized`: their `tokenize` results), in input order.
+
+    Records longer than the context are cut into `windows` (`stride` tokens apart, default half the
+    context). Windows go to the smallest padded length that holds them and are batched within it,
+    so a short record never pays for a long one.
+    """
+    stride = stride or max(seq_len // 2, 1)
+    pieces = [w for i, (ids, repeat, valid) in enumerate(tokenized) for w in windows(i, ids, repeat, valid, seq_len + 1, stride)]
     lengths = bucket_lengths(seq_len)
-    bucket_N = assign_buckets(np.asarray([len(t[0]) - 1 for t in tokenized]), lengths)
-    results: list[dict | None] = [None] * len(records)
+    bucket_W = assign_buckets(np.asarray([len(w.ids) - 1 for w in pieces]), lengths)
+    totals = collections.defaultdict(lambda: np.zeros(len(records)))
     done, start, last_report = 0, time.perf_counter(), time.perf_counter()
-    for bucket in np.unique(bucket_N):
-        members = np.flatnonzero(bucket_N == bucket)
+    for bucket in np.unique(bucket_W):
+        members = np.flatnonzero(bucket_W == bucket)
         for first in range(0, len(members), batch_size):
-            chunk = members[first : first + batch_size]
-            sums = score_batch(graphdef, params, [tokenized[i] for i in chunk], lengths[bucket], batch_size)
-            for j, i in enumerate(chunk):
-                s = {k: float(v[j]) for k, v in sums.items()}
-                results[i] = {
-                    "name": records[i].name, "bases": len(records[i].sequence), "scored_tokens": int(s["scored_tokens"]),
-                    "log_likelihood": s["log_likelihood"],
-                    "bits_per_base": _bits_per_base(s["log_likelihood"], s["scored_tokens"], bp_per_token),
-                    "repeat_tokens": int(s["repeat_tokens"]),
-                    "bits_per_base_repeat": _bits_per_base(s["log_likelihood_repeat"], s["repeat_tokens"], bp_per_token),
-                    "unique_tokens": int(s["unique_tokens"]),
-                    "bits_per_base_unique": _bits_per_base(s["log_likelihood_unique"], s["unique_tokens"], bp_per_token),
-                }
-            done += len(chunk)
+            batch = [pieces[i] for i in members[first : first + batch_size]]
+            for key, sums in score_batch(graphdef, params, batch, lengths[bucket], batch_size).items():
+                np.add.at(totals[key], [w.record for w in batch], sums)
+            done += len(batch)
             if time.perf_counter() - last_report > progress_every_s:
                 last_report = time.perf_counter()
-                print(f"scored {done}/{len(records)} records ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
-    return results
+                print(f"scored {done}/{len(pieces)} windows ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+    rows = []
+    for i, record in enumerate(records):
+        t = {k: float(v[i]) for k, v in totals.items()}
+        rows.append({
+            "name": record.name, "bases": len(record.sequence), "scored_tokens": int(t["scored_tokens"]),
+            "log_likelihood": t["log_likelihood"],
+            "bits_per_base": _bits_per_base(t["log_likelihood"], t["scored_tokens"], bp_per_token),
+            "repeat_tokens": int(t["repeat_tokens"]),
+            "bits_per_base_repeat": _bits_per_base(t["log_likelihood_repeat"], t["repeat_tokens"], bp_per_token),
+            "unique_tokens": int(t["unique_tokens"]),
+            "bits_per_base_unique": _bits_per_base(t["log_likelihood_unique"], t["unique_tokens"], bp_per_token),
+        })
+    return rows
 
 
 def write_tsv(path: str, rows: list[dict]) -> None:
@@ -159,22 +192,26 @@ def write_tsv(path: str, rows: list[dict]) -> None:
             os.unlink(tmp)
 
 
-def score_fasta(checkpoint: str, fasta: str, output: str, batch_size: int = 8) -> list[dict]:
+def score_fasta(checkpoint: str, fasta: str, output: str, batch_size: int = 8, stride: int = 0) -> list[dict]:
     """Scores every record of `fasta` with the checkpoint's model and writes the TSV `output`;
     every input is checked before the model loads, and nothing is written unless all went well."""
     if batch_size < 1:
         raise UserError(f"--batch_size must be a positive integer, got {batch_size}")
+    if stride < 0:
+        raise UserError(f"--stride must be 0 (half the context) or positive, got {stride}")
     check_can_create(output, "--output", folder=False)
     step_dir, config = pretrained.pretraining_checkpoint(checkpoint, "--checkpoint", "scoring")
     tokenizer = get_tokenizer(config.data.tokenizer, pad_multiple=1)
     records = list(read_records(fasta))
     if not records:
         raise UserError(f"--fasta {fasta}: no records")
-    tokenized = [tokenize(r, tokenizer, config.train.seq_len + 1) for r in records]
+    if stride > config.train.seq_len:
+        raise UserError(f"--stride {stride}: at most the context, train.seq_len = {config.train.seq_len} tokens")
+    tokenized = [tokenize(r, tokenizer) for r in records]  # all checked before the model loads
     graphdef, state = nnx.split(pretrained.load_for_inference(step_dir, config))
     start = time.perf_counter()
     rows = score_records(records, tokenized, graphdef, nnx.to_pure_dict(state), config.train.seq_len,
-                         bases_per_token(config), batch_size)
+                         bases_per_token(config), batch_size, stride)
     seconds = time.perf_counter() - start
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     write_tsv(output, rows)
@@ -188,7 +225,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("checkpoint", None, "A pretraining workdir (its latest checkpoint) or a step folder.")
     flags.DEFINE_string("fasta", None, "The records to score (FASTA, plain or gzip; case kept).")
     flags.DEFINE_string("output", None, "The TSV file to write (replaced atomically).")
-    flags.DEFINE_integer("batch_size", 8, "Records per forward pass.")
+    flags.DEFINE_integer("batch_size", 8, "Windows per forward pass.")
+    flags.DEFINE_integer("stride", 0, "Tokens between the windows of a record longer than the context (0: half the context).")
 
 
 @exits_cleanly_on_user_error
@@ -197,7 +235,7 @@ def main(argv) -> None:
     for name in ("checkpoint", "fasta", "output"):
         if not flags.FLAGS[name].value:
             raise UserError(f"--{name} is required")
-    score_fasta(flags.FLAGS.checkpoint, flags.FLAGS.fasta, flags.FLAGS.output, flags.FLAGS.batch_size)
+    score_fasta(flags.FLAGS.checkpoint, flags.FLAGS.fasta, flags.FLAGS.output, flags.FLAGS.batch_size, flags.FLAGS.stride)
 
 
 def run() -> None:

@@ -38,7 +38,7 @@ def test_scores_match_the_unpadded_forward_pass_in_any_batching(model):
     records = [score.Record(f"r{i}", rng.choice(list(b"ACGTacgt"), n).astype(np.uint8).tobytes()) for i, n in enumerate(lengths)]
     records.append(score.Record("with_n", b"ACGTNNacgtAC"))
     tokenizer = get_tokenizer("nucleotide")
-    tokenized = [score.tokenize(r, tokenizer, context + 1) for r in records]
+    tokenized = [score.tokenize(r, tokenizer) for r in records]
     graphdef, state = nnx.split(model_)
     rows = score.score_records(records, tokenized, graphdef, nnx.to_pure_dict(state), context, 1, batch_size=4)
     assert [row["name"] for row in rows] == [r.name for r in records]
@@ -57,12 +57,43 @@ def test_scores_match_the_unpadded_forward_pass_in_any_batching(model):
         np.testing.assert_allclose(a["log_likelihood"], b["log_likelihood"], rtol=1e-5, atol=1e-5)
 
 
-def test_a_record_longer_than_the_context_or_of_one_token_is_refused():
-    tokenizer = get_tokenizer("nucleotide")
-    with pytest.raises(score.UserError, match=r"record 'long': 66 bp is 66 tokens, more than the model's trained context of 65"):
-        score.tokenize(score.Record("long", b"A" * 66), tokenizer, SEQ_LEN + 1)
+def test_a_record_of_one_token_is_refused():
     with pytest.raises(score.UserError, match="is one token"):
-        score.tokenize(score.Record("one", b"A"), tokenizer, SEQ_LEN + 1)
+        score.tokenize(score.Record("one", b"A"), get_tokenizer("nucleotide"))
+
+
+def test_windows_score_every_target_once_with_the_promised_context():
+    ids = np.arange(1, 21)  # 20 tokens: targets 1..19
+    valid = np.ones(20, bool)
+    valid[7] = False  # an N: never scored
+    pieces = score.windows(0, ids, np.zeros(20, bool), valid, max_tokens=8, stride=3)
+    assert [int(w.ids[0]) for w in pieces] == [1, 4, 7, 10, 13]  # starts 0, 3, 6, 9 and the last, 12 = 20 - 8
+    scored_targets = np.concatenate([w.ids[1:][w.scored] for w in pieces])
+    np.testing.assert_array_equal(np.sort(scored_targets), [t + 1 for t in range(1, 20) if t != 7])
+    assert len(set(scored_targets.tolist())) == len(scored_targets)
+    for w in pieces[1:]:  # past the record's start, a scored target has >= max_tokens - stride = 5 tokens before it
+        assert np.flatnonzero(w.scored).min() + 1 >= 5
+    assert len(score.windows(0, ids, np.zeros(20, bool), valid, max_tokens=20, stride=3)) == 1
+
+
+def test_a_long_record_is_the_sum_of_its_windows(model):
+    """Batching and adding windows back into their record: the record's score is Σ over its windows of
+    each window's own forward pass, restricted to the targets it scores."""
+    _, model_ = model
+    rng = np.random.default_rng(1)
+    records = [score.Record("long", rng.choice(list(b"ACGTacgt"), 300).astype(np.uint8).tobytes()),
+               score.Record("short", b"ACGTacgtAC")]
+    tokenizer = get_tokenizer("nucleotide")
+    tokenized = [score.tokenize(r, tokenizer) for r in records]
+    graphdef, state = nnx.split(model_)
+    rows = score.score_records(records, tokenized, graphdef, nnx.to_pure_dict(state), 64, 1, batch_size=4, stride=40)
+    expected = 0.0
+    for w in score.windows(0, *tokenized[0], max_tokens=65, stride=40):
+        log_p = -np.asarray(lm_loss.cross_entropy(model_(w.ids[None, :-1]), w.ids[None, 1:]))[0]
+        expected += float(np.sum(log_p * w.scored))
+    assert rows[0]["scored_tokens"] == 299
+    np.testing.assert_allclose(rows[0]["log_likelihood"], expected, rtol=1e-5)
+    np.testing.assert_allclose(rows[1]["log_likelihood"], reference_log_likelihood(model_, records[1].sequence)[0], rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +122,7 @@ def test_writes_one_row_per_record(tmp_path, capsys, checkpoint, model):
 @pytest.mark.parametrize(
     "fasta_text, message",
     [
-        (">a\nACGT\n>b\n" + "A" * 70 + "\n", r"record 'b': 70 bp is 70 tokens, more than the model's trained context of 65"),
+        (">a\n>b\nACGT\n", r"record 'a': no bases"),
         ("", r".*in.fa: empty file"),
         (">a\nACGTXA\n", r".*in.fa:2: invalid character 'X'"),
     ],
