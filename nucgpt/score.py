@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import itertools
 import math
 import os
 import sys
@@ -84,6 +85,7 @@ class Window:
     are per target, `scored` only where the target is valid and no earlier window scored it."""
 
     record: int
+    start: int  # the record's token index of ids[0]
     ids: np.ndarray
     repeat: np.ndarray
     scored: np.ndarray
@@ -95,20 +97,21 @@ def windows(record: int, ids: np.ndarray, repeat: np.ndarray, valid: np.ndarray,
     scored once, in the first window that holds it, after at least `max_tokens - stride` tokens of
     context (fewer only at the record's start)."""
     if len(ids) <= max_tokens:
-        return [Window(record, ids, repeat[1:], valid[1:])]
+        return [Window(record, 0, ids, repeat[1:], valid[1:])]
     starts = list(range(0, len(ids) - max_tokens, stride)) + [len(ids) - max_tokens]
     out, scored_until = [], 0  # targets up to this token index are scored (index 0 never is a target)
     for start in starts:
         end = start + max_tokens
         new_T = np.arange(start + 1, end) > scored_until
-        out.append(Window(record, ids[start:end], repeat[start + 1 : end], valid[start + 1 : end] & new_T))
+        out.append(Window(record, start, ids[start:end], repeat[start + 1 : end], valid[start + 1 : end] & new_T))
         scored_until = end - 1
     return out
 
 
 @functools.partial(jax.jit, static_argnames="graphdef")
 def _row_sums(graphdef: nnx.GraphDef, params, inputs_BxL, targets_BxL, valid_BxL, repeat_BxL):
-    """Per row: Σ log p of the valid targets, over all / repeat / unique ones, and their counts (float32)."""
+    """Per row: Σ log p of the valid targets, over all / repeat / unique ones, and their counts; and
+    each target's log p (float32)."""
     logits_BxLxV = nnx.merge(graphdef, params)(inputs_BxL)
     log_p_BxL = -lm_loss.cross_entropy(logits_BxLxV, targets_BxL)
     valid_BxL = valid_BxL.astype(jnp.float32)
@@ -120,11 +123,13 @@ def _row_sums(graphdef: nnx.GraphDef, params, inputs_BxL, targets_BxL, valid_BxL
         "log_likelihood": sums(valid_BxL), "scored_tokens": counts(valid_BxL),
         "log_likelihood_repeat": sums(repeat_BxL), "repeat_tokens": counts(repeat_BxL),
         "log_likelihood_unique": sums(unique_BxL), "unique_tokens": counts(unique_BxL),
+        "log_p": log_p_BxL,
     }
 
 
 def score_batch(graphdef, params, batch: list[Window], length: int, rows: int) -> dict[str, np.ndarray]:
-    """Sums for up to `rows` windows padded to `length` inputs (missing rows are all padding)."""
+    """Sums (and `log_p` per target) for up to `rows` windows padded to `length` inputs (missing rows
+    are all padding)."""
     inputs, targets = np.full((rows, length), PAD_ID, np.int32), np.full((rows, length), PAD_ID, np.int32)
     scored, repeat = np.zeros((rows, length), bool), np.zeros((rows, length), bool)
     for row, window in enumerate(batch):
@@ -141,7 +146,8 @@ def _bits_per_base(log_likelihood: float, tokens: float, bp_per_token: int) -> f
 
 def score_records(records: list[Record], tokenized: list, graphdef, params, seq_len: int, bp_per_token: int,
                   batch_size: int, stride: int | None = None, progress_every_s: float = 10.0) -> list[dict]:
-    """One row of COLUMNS per record (`tokenized`: their `tokenize` results), in input order.
+    """One row of COLUMNS per record (`tokenized`: their `tokenize` results), in input order, plus
+    `target_log_p`: each target token's log p (tokens 1.., NaN where not scored).
 
     Records longer than the context are cut into `windows` (`stride` tokens apart, default half the
     context). Windows go to the smallest padded length that holds them and are batched within it,
@@ -152,13 +158,18 @@ def score_records(records: list[Record], tokenized: list, graphdef, params, seq_
     lengths = bucket_lengths(seq_len)
     bucket_W = assign_buckets(np.asarray([len(w.ids) - 1 for w in pieces]), lengths)
     totals = collections.defaultdict(lambda: np.zeros(len(records)))
+    target_log_p = [np.full(len(ids) - 1, np.nan) for ids, _, _ in tokenized]
     done, start, last_report = 0, time.perf_counter(), time.perf_counter()
     for bucket in np.unique(bucket_W):
         members = np.flatnonzero(bucket_W == bucket)
         for first in range(0, len(members), batch_size):
             batch = [pieces[i] for i in members[first : first + batch_size]]
-            for key, sums in score_batch(graphdef, params, batch, lengths[bucket], batch_size).items():
-                np.add.at(totals[key], [w.record for w in batch], sums)
+            sums = score_batch(graphdef, params, batch, lengths[bucket], batch_size)
+            for row, w in enumerate(batch):
+                where = w.start + np.flatnonzero(w.scored)  # index into the record's targets (token index - 1)
+                target_log_p[w.record][where] = sums["log_p"][row][np.flatnonzero(w.scored)]
+            for key in sums.keys() - {"log_p"}:
+                np.add.at(totals[key], [w.record for w in batch], sums[key])
             done += len(batch)
             if time.perf_counter() - last_report > progress_every_s:
                 last_report = time.perf_counter()
@@ -174,32 +185,56 @@ def score_records(records: list[Record], tokenized: list, graphdef, params, seq_
             "bits_per_base_repeat": _bits_per_base(t["log_likelihood_repeat"], t["repeat_tokens"], bp_per_token),
             "unique_tokens": int(t["unique_tokens"]),
             "bits_per_base_unique": _bits_per_base(t["log_likelihood_unique"], t["unique_tokens"], bp_per_token),
+            "target_log_p": target_log_p[i],
         })
     return rows
 
 
-def write_tsv(path: str, rows: list[dict]) -> None:
-    """COLUMNS as a header, then one line per row (floats to 6 decimals), written beside `path` and renamed."""
+def _write_atomically(path: str, lines: Iterator[str]) -> None:
+    """`lines` into `path`, written beside it and renamed over it: whole or not at all."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    fmt = lambda v: f"{v:.6f}" if isinstance(v, float) else str(v)
     try:
         with open(tmp, "x") as f:
-            f.write("\t".join(COLUMNS) + "\n")
-            f.writelines("\t".join(fmt(row[c]) for c in COLUMNS) + "\n" for row in rows)
+            f.writelines(lines)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def score_fasta(checkpoint: str, fasta: str, output: str, batch_size: int = 8, stride: int = 0) -> list[dict]:
-    """Scores every record of `fasta` with the checkpoint's model and writes the TSV `output`;
-    every input is checked before the model loads, and nothing is written unless all went well."""
+def write_tsv(path: str, rows: list[dict]) -> None:
+    """COLUMNS as a header, then one line per record (floats to 6 decimals)."""
+    fmt = lambda v: f"{v:.6f}" if isinstance(v, float) else str(v)
+    _write_atomically(path, itertools.chain(["\t".join(COLUMNS) + "\n"], ("\t".join(fmt(row[c]) for c in COLUMNS) + "\n" for row in rows)))
+
+
+def write_per_token(path: str, records: list[Record], rows: list[dict], tokenizer: Tokenizer) -> None:
+    """One line per scored target: record name, 0-based position of the token's first base, the
+    token's bases as in the record (case kept), its log p (natural log)."""
+    bp_step = tokenizer.k if tokenizer.k > 1 and not tokenizer.overlap else 1
+
+    def lines() -> Iterator[str]:
+        yield "name\tposition\tbases\tlog_p\n"
+        for record, row in zip(records, rows):
+            for target in np.flatnonzero(~np.isnan(row["target_log_p"])):
+                position = (target + 1) * bp_step
+                bases = record.sequence[position : position + tokenizer.k].decode("ascii")
+                yield f"{record.name}\t{position}\t{bases}\t{row['target_log_p'][target]:.6f}\n"
+
+    _write_atomically(path, lines())
+
+
+def score_fasta(checkpoint: str, fasta: str, output: str, batch_size: int = 8, stride: int = 0, per_token: str = "") -> list[dict]:
+    """Scores every record of `fasta` with the checkpoint's model and writes the TSV `output` (and
+    each target's log p to `per_token`, when given); every input is checked before the model loads,
+    and nothing is written unless all went well."""
     if batch_size < 1:
         raise UserError(f"--batch_size must be a positive integer, got {batch_size}")
     if stride < 0:
         raise UserError(f"--stride must be 0 (half the context) or positive, got {stride}")
     check_can_create(output, "--output", folder=False)
+    if per_token:
+        check_can_create(per_token, "--per_token", folder=False)
     step_dir, config = pretrained.pretraining_checkpoint(checkpoint, "--checkpoint", "scoring")
     tokenizer = get_tokenizer(config.data.tokenizer, pad_multiple=1)
     records = list(read_records(fasta))
@@ -213,7 +248,10 @@ def score_fasta(checkpoint: str, fasta: str, output: str, batch_size: int = 8, s
     rows = score_records(records, tokenized, graphdef, nnx.to_pure_dict(state), config.train.seq_len,
                          bases_per_token(config), batch_size, stride)
     seconds = time.perf_counter() - start
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    for path in (output, per_token) if per_token else (output,):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if per_token:
+        write_per_token(per_token, records, rows, tokenizer)
     write_tsv(output, rows)
     total_bp = sum(len(r.sequence) for r in records)
     print(f"scored {len(records)} record(s), {total_bp} bp, in {seconds:.1f} s (compilation included) → {output}", flush=True)
@@ -226,6 +264,7 @@ def _define_flags() -> None:
     flags.DEFINE_string("fasta", None, "The records to score (FASTA, plain or gzip; case kept).")
     flags.DEFINE_string("output", None, "The TSV file to write (replaced atomically).")
     flags.DEFINE_integer("batch_size", 8, "Windows per forward pass.")
+    flags.DEFINE_string("per_token", "", "Also write each scored token's log p here (TSV: name, position, bases, log_p).")
     flags.DEFINE_integer("stride", 0, "Tokens between the windows of a record longer than the context (0: half the context).")
 
 
@@ -235,7 +274,8 @@ def main(argv) -> None:
     for name in ("checkpoint", "fasta", "output"):
         if not flags.FLAGS[name].value:
             raise UserError(f"--{name} is required")
-    score_fasta(flags.FLAGS.checkpoint, flags.FLAGS.fasta, flags.FLAGS.output, flags.FLAGS.batch_size, flags.FLAGS.stride)
+    score_fasta(flags.FLAGS.checkpoint, flags.FLAGS.fasta, flags.FLAGS.output, flags.FLAGS.batch_size, flags.FLAGS.stride,
+                flags.FLAGS.per_token)
 
 
 def run() -> None:

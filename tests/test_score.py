@@ -91,7 +91,8 @@ def test_a_long_record_is_the_sum_of_its_windows(model):
     for w in score.windows(0, *tokenized[0], max_tokens=65, stride=40):
         log_p = -np.asarray(lm_loss.cross_entropy(model_(w.ids[None, :-1]), w.ids[None, 1:]))[0]
         expected += float(np.sum(log_p * w.scored))
-    assert rows[0]["scored_tokens"] == 299
+    assert rows[0]["scored_tokens"] == 299 and not np.isnan(rows[0]["target_log_p"]).any()  # every target, once
+    np.testing.assert_allclose(np.sum(rows[0]["target_log_p"]), rows[0]["log_likelihood"], rtol=1e-5)
     np.testing.assert_allclose(rows[0]["log_likelihood"], expected, rtol=1e-5)
     np.testing.assert_allclose(rows[1]["log_likelihood"], reference_log_likelihood(model_, records[1].sequence)[0], rtol=1e-5)
 
@@ -105,8 +106,8 @@ def checkpoint(tmp_path_factory, model):
 def test_writes_one_row_per_record(tmp_path, capsys, checkpoint, model):
     fasta = tmp_path / "in.fa"
     fasta.write_text(">ref chr1:100-130\nACGTACGTTTGACCAGGTacgtacgtacgtaa\n>alt\nACGTACGTTTGACCAGGTacgtacgtacgtac\n")
-    output = tmp_path / "out" / "scores.tsv"
-    score.score_fasta(str(checkpoint), str(fasta), str(output))
+    output, per_token = tmp_path / "out" / "scores.tsv", tmp_path / "out" / "per_token.tsv"
+    score.score_fasta(str(checkpoint), str(fasta), str(output), per_token=str(per_token))
     out = capsys.readouterr().out
     header, *lines = output.read_text().splitlines()
     assert header.split("\t") == list(score.COLUMNS)
@@ -115,8 +116,14 @@ def test_writes_one_row_per_record(tmp_path, capsys, checkpoint, model):
     expected, scored = reference_log_likelihood(model[1], b"ACGTACGTTTGACCAGGTacgtacgtacgtaa")
     assert int(ref["scored_tokens"]) == scored == 31 and int(ref["repeat_tokens"]) == 14
     np.testing.assert_allclose(float(ref["log_likelihood"]), expected, atol=2e-6)
-    assert sorted(p.name for p in output.parent.iterdir()) == ["scores.tsv"]
+    assert sorted(p.name for p in output.parent.iterdir()) == ["per_token.tsv", "scores.tsv"]
     assert "scored 2 record(s), 64 bp" in out
+    token_header, *token_lines = per_token.read_text().splitlines()
+    assert token_header == "name\tposition\tbases\tlog_p"
+    ref_tokens = [line.split("\t") for line in token_lines if line.startswith("ref\t")]
+    sequence = "ACGTACGTTTGACCAGGTacgtacgtacgtaa"
+    assert [(int(p), b) for _, p, b, _ in ref_tokens] == [(i, sequence[i]) for i in range(1, 32)]
+    np.testing.assert_allclose(sum(float(lp) for *_, lp in ref_tokens), float(ref["log_likelihood"]), atol=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -153,3 +160,12 @@ def test_an_existing_output_is_replaced(tmp_path, checkpoint):
     output.write_text("old\n")
     score.score_fasta(str(checkpoint), str(fasta), str(output))
     assert output.read_text().startswith("name\tbases")
+
+
+def test_per_token_positions_of_kmer_tokens(tmp_path):
+    """A consecutive 6-mer target's position is its first base's; an unscored (NaN) target is left out."""
+    records = [score.Record("r", b"ACGTACggttccAAAAAAC")]  # tokens ACGTAC | ggttcc | AAAAAA | C (short: UNK)
+    rows = [{"target_log_p": np.array([-1.5, -2.25, np.nan])}]
+    path = tmp_path / "t.tsv"
+    score.write_per_token(str(path), records, rows, get_tokenizer("kmer6_nonoverlap", pad_multiple=1))
+    assert path.read_text().splitlines()[1:] == ["r\t6\tggttcc\t-1.500000", "r\t12\tAAAAAA\t-2.250000"]
