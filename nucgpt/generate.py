@@ -26,7 +26,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from nucgpt import pretrained
-from nucgpt.data.fasta import SequenceStats, read_fasta
+from nucgpt.data.fasta import read_records
 from nucgpt.errors import UserError, exits_cleanly_on_user_error, parse_flags, start_main
 from nucgpt.model import Transformer
 from nucgpt.tokenizers import KMER_UNK_ID, PAD_ID, Tokenizer, get_tokenizer
@@ -63,15 +63,10 @@ def read_prompt_fasta(path: str) -> str:
     """The sequence of the single record in FASTA file `path` (IUPAC codes read as N)."""
     if not os.path.isfile(path):
         raise UserError(f"--prompt_fasta {path}: no such file")
-    records: list[list[bytes]] = []
-    for _, bases in read_fasta(path, SequenceStats()):  # b"" at each header, then the record's pieces
-        if bases:
-            records[-1].append(bases)
-        else:
-            records.append([])
+    records = list(read_records(path))
     if len(records) != 1:
         raise UserError(f"--prompt_fasta {path}: holds {len(records)} records; give a file with one (the prompt)")
-    return b"".join(records[0]).decode("ascii")
+    return records[0][1].decode("ascii")
 
 
 def generation_tokenizer(config: ConfigDict) -> Tokenizer:

@@ -35,7 +35,7 @@ from flax import nnx
 from nucgpt import loss as lm_loss
 from nucgpt import pretrained
 from nucgpt.data.classification import assign_buckets, bucket_lengths
-from nucgpt.data.fasta import SequenceStats, read_fasta
+from nucgpt.data import fasta as fasta_io
 from nucgpt.errors import UserError, check_can_create, exits_cleanly_on_user_error, parse_flags, start_main
 from nucgpt.tasks.pretrain import bases_per_token
 from nucgpt.tokenizers import PAD_ID, Tokenizer, get_tokenizer
@@ -57,16 +57,7 @@ def read_records(path: str) -> Iterator[Record]:
     """Each FASTA record, whole, in file order (IUPAC codes read as N)."""
     if not os.path.isfile(path):
         raise UserError(f"--fasta {path}: no such file")
-    name, pieces = None, []
-    for chrom, bases in read_fasta(path, SequenceStats()):
-        if bases:
-            pieces.append(bases)
-            continue
-        if name is not None:
-            yield Record(name, b"".join(pieces))
-        name, pieces = chrom, []
-    if name is not None:
-        yield Record(name, b"".join(pieces))
+    return (Record(name, bases) for name, bases in fasta_io.read_records(path))
 
 
 def tokenize(record: Record, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -266,3 +266,18 @@ class _BlockStream(io.RawIOBase):
         buffer[:n] = self._pending[:n]
         self._pending = self._pending[n:]
         return n
+
+
+def read_records(path: str | os.PathLike) -> Iterator[tuple[str, bytes]]:
+    """(name, bases) of each record, whole, in file order (IUPAC codes read as N): for files of many
+    short records (prompts, sequences to score), not genomes."""
+    name, pieces = None, []
+    for chrom, bases in read_fasta(path, SequenceStats()):
+        if bases:
+            pieces.append(bases)
+            continue
+        if name is not None:
+            yield name, b"".join(pieces)
+        name, pieces = chrom, []
+    if name is not None:
+        yield name, b"".join(pieces)
