@@ -1,7 +1,6 @@
 """User errors: bad input is reported as one line and a non-zero exit, never a traceback."""
 
 import functools
-import os
 import re
 import sys
 from typing import Callable, TypeVar
@@ -35,24 +34,6 @@ def exits_cleanly_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
         sys.exit(EXIT_USER_ERROR)
 
     return wrapper
-
-
-def check_can_create(path: str, flag: str, *, folder: bool) -> None:
-    """`path` can be written: a folder (written into) or a file (replaced by a rename beside it).
-    Checked before long work, so a bad output path fails first, not last."""
-    path = os.path.abspath(path)
-    if os.path.exists(path):
-        if folder != os.path.isdir(path):
-            raise UserError(f"{flag} {path}: is a {'file' if folder else 'folder'}, not a {'folder' if folder else 'file'}")
-        target = path if folder else os.path.dirname(path)
-    else:
-        target = os.path.dirname(path)
-        while not os.path.exists(target):
-            target = os.path.dirname(target)
-        if not os.path.isdir(target):
-            raise UserError(f"{flag} {path}: {target} is a file, not a folder")
-    if not os.access(target, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {path}: {target} is not writable")
 
 
 def _unloadable_config_file() -> str | None:

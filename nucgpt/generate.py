@@ -28,6 +28,7 @@ from ml_collections import ConfigDict
 from nucgpt import pretrained
 from nucgpt.data.fasta import read_records
 from nucgpt.errors import UserError, exits_cleanly_on_user_error, parse_flags, start_main
+from nucgpt.files import atomic_file
 from nucgpt.model import Transformer
 from nucgpt.tokenizers import KMER_UNK_ID, PAD_ID, Tokenizer, get_tokenizer
 
@@ -163,16 +164,10 @@ def sample(
 
 def write_fasta(path: str, records: list[tuple[str, str]]) -> None:
     """(header, bases) records, 80 bases a line, written beside `path` then renamed over it."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "x") as f:
-            for header, bases in records:
-                f.write(f">{header}\n")
-                f.writelines(bases[i : i + LINE_WIDTH] + "\n" for i in range(0, len(bases), LINE_WIDTH))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_file(path) as f:
+        for header, bases in records:
+            f.write(f">{header}\n")
+            f.writelines(bases[i : i + LINE_WIDTH] + "\n" for i in range(0, len(bases), LINE_WIDTH))
 
 
 def _check_flags() -> None:

@@ -40,7 +40,8 @@ from nucgpt import pretrained, sae
 from nucgpt import loss as lm_loss
 from nucgpt.data import records
 from nucgpt.data.pipeline import BATCH_KEYS, LmExample, make_lm_iterator, read_manifest
-from nucgpt.errors import UserError, check_can_create, exits_cleanly_on_user_error, parse_flags, start_main
+from nucgpt.errors import UserError, exits_cleanly_on_user_error, parse_flags, start_main
+from nucgpt.files import check_can_create, replace_folder
 from nucgpt.tasks.pretrain import bases_per_token
 from nucgpt.tokenizers import BASES, PAD_ID, Tokenizer, base_codes, get_tokenizer
 
@@ -371,11 +372,7 @@ def write_output(output: str, params: dict, meta: dict, features: list[dict], te
             f.writelines(json.dumps(feature) + "\n" for feature in features)
         with open(os.path.join(tmp, "summary.txt"), "w") as f:
             f.write(text)
-        old = f"{tmp}.old"
-        if os.path.exists(output):
-            os.rename(output, old)
-        os.rename(tmp, output)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_folder(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

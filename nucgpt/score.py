@@ -19,7 +19,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import itertools
 import math
 import os
 import sys
@@ -36,7 +35,8 @@ from nucgpt import loss as lm_loss
 from nucgpt import pretrained
 from nucgpt.data.classification import assign_buckets, bucket_lengths
 from nucgpt.data import fasta as fasta_io
-from nucgpt.errors import UserError, check_can_create, exits_cleanly_on_user_error, parse_flags, start_main
+from nucgpt.errors import UserError, exits_cleanly_on_user_error, parse_flags, start_main
+from nucgpt.files import atomic_file, check_can_create
 from nucgpt.tasks.pretrain import bases_per_token
 from nucgpt.tokenizers import PAD_ID, Tokenizer, get_tokenizer
 
@@ -181,38 +181,25 @@ def score_records(records: list[Record], tokenized: list, graphdef, params, seq_
     return rows
 
 
-def _write_atomically(path: str, lines: Iterator[str]) -> None:
-    """`lines` into `path`, written beside it and renamed over it: whole or not at all."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "x") as f:
-            f.writelines(lines)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_tsv(path: str, rows: list[dict]) -> None:
     """COLUMNS as a header, then one line per record (floats to 6 decimals)."""
     fmt = lambda v: f"{v:.6f}" if isinstance(v, float) else str(v)
-    _write_atomically(path, itertools.chain(["\t".join(COLUMNS) + "\n"], ("\t".join(fmt(row[c]) for c in COLUMNS) + "\n" for row in rows)))
+    with atomic_file(path) as f:
+        f.write("\t".join(COLUMNS) + "\n")
+        f.writelines("\t".join(fmt(row[c]) for c in COLUMNS) + "\n" for row in rows)
 
 
 def write_per_token(path: str, records: list[Record], rows: list[dict], tokenizer: Tokenizer) -> None:
     """One line per scored target: record name, 0-based position of the token's first base, the
     token's bases as in the record (case kept), its log p (natural log)."""
     bp_step = tokenizer.k if tokenizer.k > 1 and not tokenizer.overlap else 1
-
-    def lines() -> Iterator[str]:
-        yield "name\tposition\tbases\tlog_p\n"
+    with atomic_file(path) as f:
+        f.write("name\tposition\tbases\tlog_p\n")
         for record, row in zip(records, rows):
             for target in np.flatnonzero(~np.isnan(row["target_log_p"])):
                 position = (target + 1) * bp_step
                 bases = record.sequence[position : position + tokenizer.k].decode("ascii")
-                yield f"{record.name}\t{position}\t{bases}\t{row['target_log_p'][target]:.6f}\n"
-
-    _write_atomically(path, lines())
+                f.write(f"{record.name}\t{position}\t{bases}\t{row['target_log_p'][target]:.6f}\n")
 
 
 def score_fasta(checkpoint: str, fasta: str, output: str, batch_size: int = 8, stride: int = 0, per_token: str = "") -> list[dict]:
@@ -239,8 +226,6 @@ def score_fasta(checkpoint: str, fasta: str, output: str, batch_size: int = 8, s
     rows = score_records(records, tokenized, graphdef, nnx.to_pure_dict(state), config.train.seq_len,
                          bases_per_token(config), batch_size, stride)
     seconds = time.perf_counter() - start
-    for path in (output, per_token) if per_token else (output,):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if per_token:
         write_per_token(per_token, records, rows, tokenizer)
     write_tsv(output, rows)

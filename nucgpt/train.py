@@ -26,7 +26,8 @@ from ml_collections import ConfigDict, config_flags
 from nucgpt import config as config_lib
 from nucgpt import diagnostics, distributed, sharding
 from nucgpt.checkpoint import Checkpoints, latest_step_dir, save_config
-from nucgpt.errors import UserError, check_can_create, exits_cleanly_on_user_error, parse_flags, start_main
+from nucgpt.errors import UserError, exits_cleanly_on_user_error, parse_flags, start_main
+from nucgpt.files import check_can_create
 from nucgpt.flops import Throughput, batch_tokens
 from nucgpt.metrics_log import MetricsLogger
 from nucgpt.model.attention import mesh_platform

@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from nucgpt.errors import EXIT_USER_ERROR, UserError, check_can_create, exits_cleanly_on_user_error
+from nucgpt.errors import EXIT_USER_ERROR, UserError, exits_cleanly_on_user_error
+from nucgpt.files import check_can_create
 
 
 def _main_raising(error: BaseException):

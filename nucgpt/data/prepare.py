@@ -25,7 +25,8 @@ from typing import Iterator, Sequence
 from absl import app, flags
 
 from nucgpt.data import fasta, records
-from nucgpt.errors import UserError, check_can_create, exits_cleanly_on_user_error, parse_flags
+from nucgpt.errors import UserError, exits_cleanly_on_user_error, parse_flags
+from nucgpt.files import check_can_create, replace_folder
 
 SPLITS = ("train", "valid", "test")
 DEFAULT_INCLUDE = r".*"
@@ -214,7 +215,7 @@ def prepare(
         )
         with open(os.path.join(tmp_dir, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=1)
-        _replace(tmp_dir, out_dir)
+        replace_folder(tmp_dir, out_dir)
     except BaseException:
         sink.close()
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -307,17 +308,6 @@ def _read_csv(path: str, sink: _Sink) -> dict:
 def _source(path: str, kind: str, seen: fasta.SequenceStats) -> dict:
     return dict(path=os.path.abspath(path), kind=kind, size=os.path.getsize(path), sha256=seen.sha256.hexdigest(),
                 iupac_bases=seen.iupac_bases)
-
-
-def _replace(tmp_dir: str, out_dir: str) -> None:
-    """Moves the finished dataset into place; an old one (with --overwrite) goes only after that."""
-    old = None
-    if os.path.exists(out_dir):
-        old = f"{tmp_dir}.old"
-        os.rename(out_dir, old)
-    os.rename(tmp_dir, out_dir)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def summary_table(manifest: dict) -> str:

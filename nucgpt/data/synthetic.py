@@ -24,7 +24,8 @@ from typing import Sequence
 import numpy as np
 from absl import app, flags
 
-from nucgpt.errors import UserError, check_can_create, exits_cleanly_on_user_error, parse_flags
+from nucgpt.errors import UserError, exits_cleanly_on_user_error, parse_flags
+from nucgpt.files import atomic_file, check_can_create
 
 LINE_WIDTH = 60
 _BLOCK_BP = LINE_WIDTH * 16384  # generated at once; a multiple of the line width so lines never split
@@ -118,23 +119,16 @@ def write_genome(path: str | os.PathLike, *, bp: int, seed: int, num_chroms: int
     check_can_create(path, "--out", folder=False)
     rng = np.random.default_rng(seed)
     families = _families(rng)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as raw:
-            # No file name and no time in the gzip header: the same arguments give the same bytes.
-            out = gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=6, mtime=0) if path.endswith(".gz") else raw
-            for index, size in enumerate(chromosome_sizes(bp, num_chroms)):
-                out.write(f">chr{index + 1} synthetic softmasked chromosome\n".encode())
-                for start in range(0, size, _BLOCK_BP):
-                    text = _block(rng, min(_BLOCK_BP, size - start), families, at_chrom_start=start == 0)
-                    out.write(_wrap_lines(text))
-            if out is not raw:
-                out.close()
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_file(path, "wb") as raw:
+        # No file name and no time in the gzip header: the same arguments give the same bytes.
+        out = gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=6, mtime=0) if path.endswith(".gz") else raw
+        for index, size in enumerate(chromosome_sizes(bp, num_chroms)):
+            out.write(f">chr{index + 1} synthetic softmasked chromosome\n".encode())
+            for start in range(0, size, _BLOCK_BP):
+                text = _block(rng, min(_BLOCK_BP, size - start), families, at_chrom_start=start == 0)
+                out.write(_wrap_lines(text))
+        if out is not raw:
+            out.close()
 
 
 def _wrap_lines(text: bytes) -> bytes:

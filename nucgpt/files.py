@@ -1,0 +1,53 @@
+"""Output files and folders that appear whole or not at all, and output paths checked up front."""
+
+import contextlib
+import os
+import shutil
+from typing import IO, Iterator
+
+from nucgpt.errors import UserError
+
+
+def check_can_create(path: str, flag: str, *, folder: bool) -> None:
+    """`path` can be written: a folder (written into) or a file (replaced by a rename beside it).
+    Checked before long work, so a bad output path fails first, not last."""
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        if folder != os.path.isdir(path):
+            raise UserError(f"{flag} {path}: is a {'file' if folder else 'folder'}, not a {'folder' if folder else 'file'}")
+        target = path if folder else os.path.dirname(path)
+    else:
+        target = os.path.dirname(path)
+        while not os.path.exists(target):
+            target = os.path.dirname(target)
+        if not os.path.isdir(target):
+            raise UserError(f"{flag} {path}: {target} is a file, not a folder")
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: {target} is not writable")
+
+
+@contextlib.contextmanager
+def atomic_file(path: str, mode: str = "w") -> Iterator[IO]:
+    """Opens a new file beside `path` (its folders made) for writing (`w` or `wb`); when the block
+    ends without an error it is renamed over `path`, otherwise removed."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, mode.replace("w", "x")) as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def replace_folder(tmp_dir: str, out_dir: str) -> None:
+    """Moves a finished folder into place; an old one (with --overwrite) goes only after that."""
+    old = None
+    if os.path.exists(out_dir):
+        old = f"{tmp_dir}.old"
+        os.rename(out_dir, old)
+    os.rename(tmp_dir, out_dir)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
