@@ -12,6 +12,8 @@ padding, not N) reach the SAE (nucgpt/sae.py). Nothing is stored but the result.
   bases against the repeat base rate, the base it fires on, and its top contexts (±16 bp, case kept).
 The output folder (params.npz, sae.json, features.jsonl, summary.txt) is written to a hidden
 temporary folder and renamed into place: an error, SIGTERM or Ctrl-C leaves nothing half-written.
+Training progress is saved beside it (`<output>.resume/`, every `--save_every` steps, at the end of
+training and on SIGTERM), so rerunning an interrupted command continues where it stopped.
 """
 
 from __future__ import annotations
@@ -31,12 +33,13 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from absl import app, flags
 from etils import epath
 from flax import nnx
 from ml_collections import ConfigDict
 
-from nucgpt import pretrained, sae
+from nucgpt import checkpoint, pretrained, sae
 from nucgpt import loss as lm_loss
 from nucgpt.data import records
 from nucgpt.data.pipeline import BATCH_KEYS, LmExample, make_lm_iterator, read_manifest
@@ -69,6 +72,7 @@ class Options:
     eval_windows: int = 16
     top_contexts: int = 10
     log_every: int = 100
+    save_every: int = 250
     overwrite: bool = False
 
     def sae_config(self) -> sae.SaeConfig:
@@ -81,8 +85,8 @@ def check(options: Options) -> tuple[ConfigDict, epath.Path]:
     for name in ("latents", "k", "steps", "batch_windows", "eval_windows", "log_every", "dead_tokens"):
         if getattr(options, name) < 1:
             raise UserError(f"--{name}={getattr(options, name)} must be a positive integer")
-    if options.aux_k < 0 or options.top_contexts < 0:
-        raise UserError("--aux_k and --top_contexts must be 0 or more")
+    if options.aux_k < 0 or options.top_contexts < 0 or options.save_every < 0:
+        raise UserError("--aux_k, --top_contexts and --save_every must be 0 or more")
     if options.k >= options.latents:
         raise UserError(f"--k={options.k} must be smaller than --latents={options.latents}")
     if not options.learning_rate > 0:
@@ -120,8 +124,101 @@ def token_mask(inputs_BxL: np.ndarray, tokenizer: Tokenizer) -> np.ndarray:
     return (inputs_BxL != PAD_ID) & (inputs_BxL != _unknown_id(tokenizer))
 
 
-def train(options: Options, config: ConfigDict, graphdef: nnx.GraphDef, params: dict) -> tuple[sae.State, list[dict], int]:
-    """(the SAE trained on `options.steps` batches of train windows, its console lines as dicts, tokens seen)."""
+class Stopped(Exception):
+    """Training stopped on SIGTERM after its progress was saved."""
+
+
+class StopRequest:
+    """The SIGTERM handler: while training, a save at the next step boundary (then `Stopped`);
+    otherwise an immediate exit that unwinds (no half-written output)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.training = False
+
+    def __call__(self, signum: int, frame) -> None:
+        if not self.training:
+            sys.exit(128 + signum)
+        self.requested = True
+
+
+# Options that change what training computes: an unfinished run continues only under the same ones.
+RESUME_SETTINGS = ("layer", "data", "latents", "k", "aux_k", "dead_tokens", "batch_windows", "learning_rate", "seed")
+
+
+class Progress:
+    """Training state beside the output, `<output>.resume/` (orbax; one step kept, each save whole):
+    the SAE state, the data iterator's position and the console log so far. A finished run deletes it."""
+
+    def __init__(self, options: Options, step_dir: epath.Path):
+        self.directory = checkpoint.absolute_path(os.path.abspath(options.output) + ".resume")
+        self.settings = {"checkpoint": str(step_dir), **{name: getattr(options, name) for name in RESUME_SETTINGS}}
+        self.every = options.save_every
+        self._manager: ocp.CheckpointManager | None = None
+
+    def manager(self) -> ocp.CheckpointManager:
+        if self._manager is None:
+            self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+                max_to_keep=1, create=True, enable_async_checkpointing=False))
+        return self._manager
+
+    def saved_run(self) -> tuple[int, dict] | None:
+        """(step, the run's settings and log) of the saved progress; None when there is none."""
+        if not self.directory.exists():
+            return None
+        step = self.manager().latest_step()
+        if step is None:
+            return None
+        return step, self.manager().restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
+
+    def check(self, steps: int) -> None:
+        """A UserError when the saved progress belongs to other settings or is past `--steps`."""
+        saved = self.saved_run()
+        if saved is None:
+            return
+        step, run = saved
+        for name, value in self.settings.items():
+            if run["settings"].get(name) != value:
+                raise UserError(
+                    f"{self.directory} holds an unfinished run with {'--' + name}={run['settings'].get(name)!r}, "
+                    f"not {value!r}: rerun with its settings to continue it, or delete that folder to start over")
+        if step > steps:
+            raise UserError(f"--steps={steps}: the unfinished run in {self.directory} is already at step {step}")
+
+    def due(self, step: int, last: bool) -> bool:
+        return self.every > 0 and (step % self.every == 0 or last)
+
+    def save(self, step: int, state: sae.State, iterator, log: list[dict], tokens: int) -> None:
+        run = {"settings": self.settings, "log": log, "tokens": tokens}
+        self.manager().save(step, force=True, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=checkpoint.IteratorSave(iterator), run=ocp.args.JsonSave(run)))
+
+    def restore(self, abstract_state: sae.State, iterator) -> tuple[sae.State, int, list[dict], int] | None:
+        """(state, step, log, tokens trained) of the saved progress, the iterator moved to its position."""
+        saved = self.saved_run()
+        if saved is None:
+            return None
+        step = saved[0]
+        restored = self.manager().restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=checkpoint.IteratorRestore(iterator),
+            run=ocp.args.JsonRestore()))
+        print(f"resumed from step {step} saved in {self.directory}", flush=True)
+        return restored["state"], step, restored["run"]["log"], restored["run"]["tokens"]
+
+    def delete(self) -> None:
+        self.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def close(self) -> None:
+        if self._manager is not None:
+            self._manager.close()
+            self._manager = None
+
+
+def train(options: Options, config: ConfigDict, graphdef: nnx.GraphDef, params: dict, progress: Progress,
+          stop: StopRequest) -> tuple[sae.State, list[dict], int]:
+    """(the SAE trained to `options.steps` batches of train windows, its console lines as dicts, tokens seen),
+    continuing from `progress` when it holds a saved run."""
     cfg, layer = options.sae_config(), options.layer
     tokenizer = get_tokenizer(config.data.tokenizer, pad_multiple=config.data.kmer_pad_multiple)
     iterator = make_lm_iterator(
@@ -136,22 +233,44 @@ def train(options: Options, config: ConfigDict, graphdef: nnx.GraphDef, params: 
     def step_fn(state, model_params, inputs_BxL, segment_ids_BxL, mask_BxL):
         return sae.train_step(cfg, state, residual_NxD(model_params, inputs_BxL, segment_ids_BxL), mask_BxL.reshape(-1))
 
+    def fresh_state(batch):
+        x_NxD = jax.jit(residual_NxD)(params, batch["inputs"], batch["segment_ids"])
+        return sae.init_state(cfg, jax.random.key(options.seed), x_NxD, token_mask(batch["inputs"], tokenizer).reshape(-1))
+
     step = jax.jit(step_fn, donate_argnums=0)
-    first = next(iterator)
-    x_NxD = jax.jit(residual_NxD)(params, first["inputs"], first["segment_ids"])
-    state = sae.init_state(cfg, jax.random.key(options.seed), x_NxD, token_mask(first["inputs"], tokenizer).reshape(-1))
-    log, tokens, total, start = [], 0, 0, time.perf_counter()
-    for i, batch in zip(range(1, options.steps + 1), itertools.chain([first], iterator)):
-        mask_BxL = token_mask(batch["inputs"], tokenizer)
-        state, metrics = step(state, params, batch["inputs"], batch["segment_ids"], mask_BxL)
-        tokens += int(mask_BxL.sum())
-        if i % options.log_every == 0 or i == options.steps:
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            rate = tokens / (time.perf_counter() - start)
-            print(f"step {i:>7d} | fvu {metrics['fvu']:.4f} | dead {metrics['dead_fraction']:.1%} | "
-                  f"aux {metrics['aux_loss']:.3f} | {rate:,.0f} tok/s", flush=True)
-            log.append({"step": i, **metrics, "tokens_per_sec": rate})
-            total, tokens, start = total + tokens, 0, time.perf_counter()
+    rows = options.batch_windows * config.train.seq_len
+    x_shape = jax.ShapeDtypeStruct((rows, config.model.d_model), jnp.float32)
+    abstract_state = jax.eval_shape(lambda x, m: sae.init_state(cfg, jax.random.key(0), x, m), x_shape,
+                                    jax.ShapeDtypeStruct((rows,), jnp.bool_))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    resumed = progress.restore(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                                            abstract_state), iterator)
+    if resumed is None:
+        first = next(iterator)
+        state, done, log, total, batches = fresh_state(first), 0, [], 0, itertools.chain([first], iterator)
+    else:
+        (state, done, log, total), batches = resumed, iterator
+    tokens, start = 0, time.perf_counter()
+    stop.training = True
+    try:
+        for i, batch in zip(range(done + 1, options.steps + 1), batches):
+            mask_BxL = token_mask(batch["inputs"], tokenizer)
+            state, metrics = step(state, params, batch["inputs"], batch["segment_ids"], mask_BxL)
+            tokens += int(mask_BxL.sum())
+            if i % options.log_every == 0 or i == options.steps:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                rate = tokens / (time.perf_counter() - start)
+                print(f"step {i:>7d} | fvu {metrics['fvu']:.4f} | dead {metrics['dead_fraction']:.1%} | "
+                      f"aux {metrics['aux_loss']:.3f} | {rate:,.0f} tok/s", flush=True)
+                log.append({"step": i, **metrics, "tokens_per_sec": rate})
+                total, tokens, start = total + tokens, 0, time.perf_counter()
+            if progress.due(i, last=i == options.steps) or stop.requested:
+                progress.save(i, state, iterator, log, total + tokens)
+            if stop.requested:
+                raise Stopped(f"stopped by SIGTERM at step {i}; progress saved in {progress.directory}: "
+                              "rerun the same command to continue")
+    finally:
+        stop.training = False
     return state, log, total
 
 
@@ -386,13 +505,18 @@ def load_sae(directory: str) -> tuple[sae.Params, dict]:
         return params, json.load(f)
 
 
-def run_sae(options: Options) -> dict:
-    """Check, train, evaluate, report, write; returns the sae.json contents."""
+def run_sae(options: Options, stop: StopRequest | None = None) -> dict:
+    """Check, train (or continue), evaluate, report, write; returns the sae.json contents."""
     config, step_dir = check(options)
-    graphdef, params = load_model(config, step_dir)
-    print(f"layer {options.layer} of {step_dir} (d_model {config.model.d_model}); {options.latents} latents, "
-          f"k={options.k}; data {config.data.path}", flush=True)
-    state, log, train_tokens = train(options, config, graphdef, params)
+    progress = Progress(options, step_dir)
+    try:
+        progress.check(options.steps)
+        graphdef, params = load_model(config, step_dir)
+        print(f"layer {options.layer} of {step_dir} (d_model {config.model.d_model}); {options.latents} latents, "
+              f"k={options.k}; data {config.data.path}", flush=True)
+        state, log, train_tokens = train(options, config, graphdef, params, progress, stop or StopRequest())
+    finally:
+        progress.close()
     metrics, stats, windows = evaluate(options, config, graphdef, params, state)
     dead_F = np.asarray(state["tokens_since_fired_F"]) >= options.dead_tokens
     features = feature_records(options, config, stats, windows, dead_F)
@@ -419,6 +543,7 @@ def run_sae(options: Options) -> dict:
     }
     text = summary(meta, features)
     write_output(options.output, jax.device_get(state["params"]), meta, features, text)
+    progress.delete()
     print(text, end="")
     print(f"wrote {options.output}", flush=True)
     return meta
@@ -442,6 +567,8 @@ def _define_flags() -> None:
     flags.DEFINE_integer("eval_windows", defaults.eval_windows, "Held-out windows for the metrics and the feature report.")
     flags.DEFINE_integer("top_contexts", defaults.top_contexts, "Top activating contexts kept per latent.")
     flags.DEFINE_integer("log_every", defaults.log_every, "Steps between console lines.")
+    flags.DEFINE_integer("save_every", defaults.save_every,
+                         "Steps between saves of the training progress to <output>.resume/ (0 = never).")
     flags.DEFINE_bool("overwrite", defaults.overwrite, "Replace an existing --output folder.")
 
 
@@ -451,8 +578,13 @@ def main(argv: Sequence[str]) -> None:
     for name in ("checkpoint", "layer", "output"):
         if flags.FLAGS[name].value is None:
             raise UserError(f"--{name} is required")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # unwinds: no half-written output
-    run_sae(Options(**{f.name: flags.FLAGS[f.name].value for f in dataclasses.fields(Options)}))
+    stop = StopRequest()
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        run_sae(Options(**{f.name: flags.FLAGS[f.name].value for f in dataclasses.fields(Options)}), stop)
+    except Stopped as e:
+        print(e, file=sys.stderr, flush=True)
+        sys.exit(128 + signal.SIGTERM)
 
 
 def run() -> None:

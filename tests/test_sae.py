@@ -206,6 +206,54 @@ def test_trains_and_reports_features_against_the_softmask(pretrained, capsys):
     assert "most repeat-enriched" in summary and "most repeat-depleted" in summary and "loss recovered" in summary
 
 
+def test_an_interrupted_run_continues_to_the_result_of_an_uninterrupted_one(pretrained, tmp_path, monkeypatch, capsys):
+    """SIGTERM saves at the next step; a crash after a periodic save loses only the steps since; each
+    rerun of the same command continues (with more --steps too) and a finished run deletes its progress."""
+    base = dict(checkpoint=str(pretrained / "lm"), layer=1, latents=32, k=4, learning_rate=3e-3, eval_windows=4,
+                top_contexts=2, log_every=2, save_every=4, dead_tokens=2000)
+    straight = sae_train.run_sae(sae_train.Options(output=str(tmp_path / "straight"), steps=6, **base))
+    out, progress = tmp_path / "resumed", tmp_path / "resumed.resume"
+    options = sae_train.Options(output=str(out), steps=6, **base)
+
+    stop = sae_train.StopRequest()
+    stop.training, stop.requested = True, False
+    stop(15, None)  # SIGTERM during training: only a request
+    assert stop.requested
+    with pytest.raises(sae_train.Stopped, match="at step 1; progress saved in .*resumed.resume"):
+        sae_train.run_sae(options, stop)
+    assert not out.exists() and progress.is_dir() and not stop.training
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("lost the machine")
+
+    monkeypatch.setattr(sae_train, "evaluate", crash)
+    with pytest.raises(RuntimeError):
+        sae_train.run_sae(dataclasses.replace(options, steps=4))  # saved at step 4, then lost
+    monkeypatch.undo()
+    with pytest.raises(UserError, match=r"resumed.resume holds an unfinished run with --latents=32, not 64"):
+        sae_train.run_sae(dataclasses.replace(options, latents=64))
+    with pytest.raises(UserError, match=r"--steps=3: the unfinished run .* is already at step 4"):
+        sae_train.run_sae(dataclasses.replace(options, steps=3))
+
+    capsys.readouterr()
+    resumed = sae_train.run_sae(options)
+    console = capsys.readouterr().out
+    assert "resumed from step 4" in console
+    assert [l.split("|")[0].split() for l in console.splitlines() if l.startswith("step ")] == [["step", "6"]]
+    assert not progress.exists() and sorted(os.listdir(tmp_path)) == ["resumed", "straight"]
+    assert [e["step"] for e in resumed["train_log"]] == [e["step"] for e in straight["train_log"]] == [2, 4, 6]
+    assert resumed["train_tokens"] == straight["train_tokens"]
+    assert resumed["eval"]["fvu"] == pytest.approx(straight["eval"]["fvu"], rel=1e-5)
+    for name, value in sae_train.load_sae(str(tmp_path / "straight"))[0].items():
+        np.testing.assert_allclose(sae_train.load_sae(str(out))[0][name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_sigterm_outside_training_exits_at_once():
+    with pytest.raises(SystemExit) as exit_info:
+        sae_train.StopRequest()(15, None)
+    assert exit_info.value.code == 128 + 15
+
+
 def test_eval_batch_flags_each_input_token_by_its_own_base():
     """The report's per-token repeat flag and base are the input token's, aligned with the model's inputs."""
     from nucgpt.data import records
