@@ -10,8 +10,9 @@ bits per base on repeats (lowercase) and on unique sequence. Comparing two recor
 A record longer than the model's trained context (`train.seq_len` + 1 tokens) is scored in
 overlapping windows (`--stride` tokens apart, default half the context): every target exactly once,
 with at least `seq_len + 1 - stride` tokens of context. Windows are padded to a few power-of-two
-lengths so compilation stays bounded. Output: one TSV row per record, written atomically; progress
-on stderr every ~10 s.
+lengths so compilation stays bounded. Batches are spread over all local devices (each scores its own
+rows; the weights are replicated). Output: one TSV row per record, written atomically; progress on
+stderr every ~10 s.
 """
 
 from __future__ import annotations
@@ -23,16 +24,17 @@ import math
 import os
 import sys
 import time
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from nucgpt import loss as lm_loss
-from nucgpt import pretrained
+from nucgpt import pretrained, sharding
 from nucgpt.data.classification import assign_buckets, bucket_lengths
 from nucgpt.data import fasta as fasta_io
 from nucgpt.errors import UserError, exits_cleanly_on_user_error, parse_flags, start_main
@@ -118,16 +120,18 @@ def _row_sums(graphdef: nnx.GraphDef, params, inputs_BxL, targets_BxL, valid_BxL
     }
 
 
-def score_batch(graphdef, params, batch: list[Window], length: int, rows: int) -> dict[str, np.ndarray]:
+def score_batch(graphdef, params, batch: list[Window], length: int, rows: int,
+                rows_sharding: jax.sharding.Sharding | None = None) -> dict[str, np.ndarray]:
     """Sums (and `log_p` per target) for up to `rows` windows padded to `length` inputs (missing rows
-    are all padding)."""
+    are all padding), the rows placed by `rows_sharding`."""
     inputs, targets = np.full((rows, length), PAD_ID, np.int32), np.full((rows, length), PAD_ID, np.int32)
     scored, repeat = np.zeros((rows, length), bool), np.zeros((rows, length), bool)
     for row, window in enumerate(batch):
         n = len(window.ids) - 1
         inputs[row, :n], targets[row, :n] = window.ids[:-1], window.ids[1:]
         scored[row, :n], repeat[row, :n] = window.scored, window.repeat
-    sums = jax.device_get(_row_sums(graphdef, params, inputs, targets, scored, repeat))
+    arrays = jax.device_put((inputs, targets, scored, repeat), rows_sharding)
+    sums = jax.device_get(_row_sums(graphdef, params, *arrays))
     return {k: v[: len(batch)] for k, v in sums.items()}
 
 
@@ -136,13 +140,16 @@ def _bits_per_base(log_likelihood: float, tokens: float, bp_per_token: int) -> f
 
 
 def score_records(records: list[Record], tokenized: list, graphdef, params, seq_len: int, bp_per_token: int,
-                  batch_size: int, stride: int | None = None, progress_every_s: float = 10.0) -> list[dict]:
+                  batch_size: int, stride: int | None = None, progress_every_s: float = 10.0, *,
+                  rules: sharding.Rules, devices: Sequence[jax.Device] | None = None) -> list[dict]:
     """One row of COLUMNS per record (`tokenized`: their `tokenize` results), in input order, plus
     `target_log_p`: each target token's log p (tokens 1.., NaN where not scored).
 
     Records longer than the context are cut into `windows` (`stride` tokens apart, default half the
     context). Windows go to the smallest padded length that holds them and are batched within it,
-    so a short record never pays for a long one.
+    so a short record never pays for a long one. Each batch is split over `devices` (default: all
+    local ones; `batch_size` rounds up to a multiple of their count) under the model's logical-axis
+    `rules`, with the weights replicated.
     """
     stride = stride or max(seq_len // 2, 1)
     pieces = [w for i, (ids, repeat, valid) in enumerate(tokenized) for w in windows(i, ids, repeat, valid, seq_len + 1, stride)]
@@ -150,21 +157,26 @@ def score_records(records: list[Record], tokenized: list, graphdef, params, seq_
     bucket_W = assign_buckets(np.asarray([len(w.ids) - 1 for w in pieces]), lengths)
     totals = collections.defaultdict(lambda: np.zeros(len(records)))
     target_log_p = [np.full(len(ids) - 1, np.nan) for ids, _, _ in tokenized]
+    mesh = sharding.data_parallel_mesh(list(devices or jax.local_devices()))
+    batch_size = -(-batch_size // mesh.size) * mesh.size
     done, start, last_report = 0, time.perf_counter(), time.perf_counter()
-    for bucket in np.unique(bucket_W):
-        members = np.flatnonzero(bucket_W == bucket)
-        for first in range(0, len(members), batch_size):
-            batch = [pieces[i] for i in members[first : first + batch_size]]
-            sums = score_batch(graphdef, params, batch, lengths[bucket], batch_size)
-            for row, w in enumerate(batch):
-                where = w.start + np.flatnonzero(w.scored)  # index into the record's targets (token index - 1)
-                target_log_p[w.record][where] = sums["log_p"][row][np.flatnonzero(w.scored)]
-            for key in sums.keys() - {"log_p"}:
-                np.add.at(totals[key], [w.record for w in batch], sums[key])
-            done += len(batch)
-            if time.perf_counter() - last_report > progress_every_s:
-                last_report = time.perf_counter()
-                print(f"scored {done}/{len(pieces)} windows ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+    with sharding.use_mesh(mesh, rules):
+        params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+        for bucket in np.unique(bucket_W):
+            members = np.flatnonzero(bucket_W == bucket)
+            for first in range(0, len(members), batch_size):
+                batch = [pieces[i] for i in members[first : first + batch_size]]
+                sums = score_batch(graphdef, params, batch, lengths[bucket], batch_size,
+                                   NamedSharding(mesh, PartitionSpec("data")))
+                for row, w in enumerate(batch):
+                    where = w.start + np.flatnonzero(w.scored)  # index into the record's targets (token index - 1)
+                    target_log_p[w.record][where] = sums["log_p"][row][np.flatnonzero(w.scored)]
+                for key in sums.keys() - {"log_p"}:
+                    np.add.at(totals[key], [w.record for w in batch], sums[key])
+                done += len(batch)
+                if time.perf_counter() - last_report > progress_every_s:
+                    last_report = time.perf_counter()
+                    print(f"scored {done}/{len(pieces)} windows ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
     rows = []
     for i, record in enumerate(records):
         t = {k: float(v[i]) for k, v in totals.items()}
@@ -224,13 +236,14 @@ def score_fasta(checkpoint: str, fasta: str, output: str, batch_size: int = 8, s
     graphdef, state = nnx.split(pretrained.load_for_inference(step_dir, config))
     start = time.perf_counter()
     rows = score_records(records, tokenized, graphdef, nnx.to_pure_dict(state), config.train.seq_len,
-                         bases_per_token(config), batch_size, stride)
+                         bases_per_token(config), batch_size, stride, rules=config.mesh.logical_axis_rules)
     seconds = time.perf_counter() - start
     if per_token:
         write_per_token(per_token, records, rows, tokenizer)
     write_tsv(output, rows)
     total_bp = sum(len(r.sequence) for r in records)
-    print(f"scored {len(records)} record(s), {total_bp} bp, in {seconds:.1f} s (compilation included) → {output}", flush=True)
+    print(f"scored {len(records)} record(s), {total_bp} bp, in {seconds:.1f} s on {jax.local_device_count()} device(s) "
+          f"(compilation included) → {output}", flush=True)
     return rows
 
 
@@ -239,7 +252,7 @@ def _define_flags() -> None:
     flags.DEFINE_string("checkpoint", None, "A pretraining workdir (its latest checkpoint) or a step folder.")
     flags.DEFINE_string("fasta", None, "The records to score (FASTA, plain or gzip; case kept).")
     flags.DEFINE_string("output", None, "The TSV file to write (replaced atomically).")
-    flags.DEFINE_integer("batch_size", 8, "Windows per forward pass.")
+    flags.DEFINE_integer("batch_size", 8, "Windows per forward pass, over all local devices (rounded up to a multiple of their count).")
     flags.DEFINE_string("per_token", "", "Also write each scored token's log p here (TSV: name, position, bases, log_p).")
     flags.DEFINE_integer("stride", 0, "Tokens between the windows of a record longer than the context (0: half the context).")
 

@@ -82,6 +82,12 @@ def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
     return Mesh(device_array, AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
 
+def data_parallel_mesh(devices: Sequence[jax.Device]) -> Mesh:
+    """Every device on the `data` axis (fsdp and tensor of size 1): for inference, where each device
+    runs its own rows of a batch and the weights are replicated."""
+    return Mesh(np.asarray(devices).reshape(-1, 1, 1), AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
 def logical_to_mesh_spec(
     logical_axes: Sequence[str | None],
     rules: Rules,

@@ -1,7 +1,6 @@
 """Scoring: each record's log-likelihood is the model's own loss on it, however records are batched."""
 
 import math
-import re
 
 import jax
 import numpy as np
@@ -30,8 +29,17 @@ def reference_log_likelihood(model_, sequence: bytes) -> tuple[float, int]:
     return float(np.sum(log_p * valid[1:])), int(valid[1:].sum())
 
 
-def test_scores_match_the_unpadded_forward_pass_in_any_batching(model):
+def test_scores_match_the_unpadded_forward_pass_in_any_batching(model, monkeypatch):
+    """On 8 devices (each its rows of a batch) and on one, batched any way: the one-pass reference."""
     config, model_ = model
+    devices_per_batch = []
+    row_sums = score._row_sums
+
+    def spy(graphdef, params, inputs_BxL, *rest):
+        devices_per_batch.append(len(inputs_BxL.sharding.device_set))
+        return row_sums(graphdef, params, inputs_BxL, *rest)
+
+    monkeypatch.setattr(score, "_row_sums", spy)
     rng = np.random.default_rng(0)
     context = 128  # padded lengths 64 and 128: records of up to 65 tokens go to the first, the rest to the second
     lengths = [129, 2, 30, 65, 66, 17]  # 129 bases = context + 1 tokens: the longest that fits
@@ -40,7 +48,10 @@ def test_scores_match_the_unpadded_forward_pass_in_any_batching(model):
     tokenizer = get_tokenizer("nucleotide")
     tokenized = [score.tokenize(r, tokenizer) for r in records]
     graphdef, state = nnx.split(model_)
-    rows = score.score_records(records, tokenized, graphdef, nnx.to_pure_dict(state), context, 1, batch_size=4)
+    rules = config.mesh.logical_axis_rules
+    rows = score.score_records(records, tokenized, graphdef, nnx.to_pure_dict(state), context, 1, batch_size=4,
+                               rules=rules)
+    assert devices_per_batch == [8, 8] and jax.device_count() == 8  # batch 4 rounds up to 8 rows: one per bucket
     assert [row["name"] for row in rows] == [r.name for r in records]
     for record, row in zip(records, rows):
         expected, scored = reference_log_likelihood(model_, record.sequence)
@@ -52,7 +63,9 @@ def test_scores_match_the_unpadded_forward_pass_in_any_batching(model):
         unique_nats = row["bits_per_base_unique"] * math.log(2) * row["unique_tokens"] if row["unique_tokens"] else 0.0
         np.testing.assert_allclose(repeat_nats + unique_nats, -expected, rtol=1e-5, atol=1e-5)
     assert rows[-1]["scored_tokens"] == 9  # 11 targets; the two N are not scored (as in the training loss)
-    again = score.score_records(records[::-1], tokenized[::-1], graphdef, nnx.to_pure_dict(state), context, 1, batch_size=1)
+    again = score.score_records(records[::-1], tokenized[::-1], graphdef, nnx.to_pure_dict(state), context, 1, batch_size=1,
+                                rules=rules, devices=jax.devices()[:1])
+    assert devices_per_batch[2:] == [1] * 7
     for a, b in zip(rows, again[::-1]):
         np.testing.assert_allclose(a["log_likelihood"], b["log_likelihood"], rtol=1e-5, atol=1e-5)
 
@@ -79,14 +92,15 @@ def test_windows_score_every_target_once_with_the_promised_context():
 def test_a_long_record_is_the_sum_of_its_windows(model):
     """Batching and adding windows back into their record: the record's score is Σ over its windows of
     each window's own forward pass, restricted to the targets it scores."""
-    _, model_ = model
+    config, model_ = model
     rng = np.random.default_rng(1)
     records = [score.Record("long", rng.choice(list(b"ACGTacgt"), 300).astype(np.uint8).tobytes()),
                score.Record("short", b"ACGTacgtAC")]
     tokenizer = get_tokenizer("nucleotide")
     tokenized = [score.tokenize(r, tokenizer) for r in records]
     graphdef, state = nnx.split(model_)
-    rows = score.score_records(records, tokenized, graphdef, nnx.to_pure_dict(state), 64, 1, batch_size=4, stride=40)
+    rows = score.score_records(records, tokenized, graphdef, nnx.to_pure_dict(state), 64, 1, batch_size=4, stride=40,
+                               rules=config.mesh.logical_axis_rules)
     expected = 0.0
     for w in score.windows(0, *tokenized[0], max_tokens=65, stride=40):
         log_p = -np.asarray(lm_loss.cross_entropy(model_(w.ids[None, :-1]), w.ids[None, 1:]))[0]
