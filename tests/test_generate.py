@@ -268,3 +268,16 @@ def test_a_prompt_fasta_holds_one_record(tmp_path):
         generate.read_prompt_fasta(str(path))
     with pytest.raises(UserError, match="no such file"):
         generate.read_prompt_fasta(str(tmp_path / "missing.fa"))
+
+
+def test_generation_benchmark_times_whole_sampling_calls():
+    from benchmarks import generation
+
+    config = get_config("demo")
+    config.model.update(d_model=32, num_layers=2, num_heads=2, num_kv_heads=2, head_dim=16, mlp_dim=64)
+    result = generation.measure(config, samples=2, prompt_tokens=3, tokens=5, runs=2)
+    assert (result["preset"], result["scan_layers"], result["samples"], result["new_tokens"]) == ("demo", True, 2, 5)
+    seconds = result["seconds"]
+    assert 0 < seconds["min"] <= seconds["median"] <= seconds["max"] and result["first_call_s"] > 0
+    assert result["tokens_per_sec"] == pytest.approx(2 * 5 / seconds["median"], rel=1e-3)
+    json.dumps(result)  # the JSON line

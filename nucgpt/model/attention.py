@@ -126,29 +126,30 @@ def _xla(q_BxLxHxK, k_BxMxGxK, v_BxMxGxK, segment_ids_BxL):
     mask_BxLxM = jnp.tril(jnp.ones((length, length), dtype=bool))[None]
     if segment_ids_BxL is not None:
         mask_BxLxM = mask_BxLxM & (segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :])
-    return masked_attention(q_BxLxHxK, k_BxMxGxK, v_BxMxGxK, mask_BxLxM)
+    return masked_attention(q_BxLxHxK, k_BxMxGxK.transpose(0, 2, 1, 3), v_BxMxGxK.transpose(0, 2, 1, 3), mask_BxLxM)
 
 
-def attend_cache(q_BxLxHxK: jax.Array, k_BxMxGxK: jax.Array, v_BxMxGxK: jax.Array, position: jax.Array) -> jax.Array:
+def attend_cache(q_BxLxHxK: jax.Array, k_BxGxMxK: jax.Array, v_BxGxMxK: jax.Array, position: jax.Array) -> jax.Array:
     """Queries at positions position..position+L-1 against a KV cache of M slots: each sees the slots
     up to its own position (later slots are unwritten). For decoding, where L is 1."""
-    length, max_len = q_BxLxHxK.shape[1], k_BxMxGxK.shape[1]
+    length, max_len = q_BxLxHxK.shape[1], k_BxGxMxK.shape[2]
     visible_LxM = (position + jnp.arange(length))[:, None] >= jnp.arange(max_len)[None, :]
-    return masked_attention(q_BxLxHxK, k_BxMxGxK, v_BxMxGxK, visible_LxM[None])
+    return masked_attention(q_BxLxHxK, k_BxGxMxK, v_BxGxMxK, visible_LxM[None])
 
 
-def masked_attention(q_BxLxHxK, k_BxMxGxK, v_BxMxGxK, mask_BxLxM: jax.Array) -> jax.Array:
+def masked_attention(q_BxLxHxK, k_BxGxMxK, v_BxGxMxK, mask_BxLxM: jax.Array) -> jax.Array:
     """softmax(q kᵀ) v in float32 where `mask` (broadcast over batch) allows; GQA by grouping the
-    query heads of each KV head."""
+    query heads of each KV head. Keys and values come batch-major ([B, G, M, K]), the layout both
+    matmuls read as is: a decoding cache kept so is never transposed."""
     batch, length, heads, head_dim = q_BxLxHxK.shape
-    kv_heads = k_BxMxGxK.shape[2]
+    kv_heads = k_BxGxMxK.shape[1]
     q_BxLxGxRxK = q_BxLxHxK.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
     scores_BxGxRxLxM = jnp.einsum(
-        "BLGRK,BMGK->BGRLM", q_BxLxGxRxK, k_BxMxGxK, preferred_element_type=jnp.float32
+        "BLGRK,BGMK->BGRLM", q_BxLxGxRxK, k_BxGxMxK, preferred_element_type=jnp.float32
     )
     scores_BxGxRxLxM = jnp.where(mask_BxLxM[:, None, None], scores_BxGxRxLxM, _MASKED)
-    probs_BxGxRxLxM = jax.nn.softmax(scores_BxGxRxLxM, axis=-1).astype(v_BxMxGxK.dtype)
-    out_BxLxGxRxK = jnp.einsum("BGRLM,BMGK->BLGRK", probs_BxGxRxLxM, v_BxMxGxK)
+    probs_BxGxRxLxM = jax.nn.softmax(scores_BxGxRxLxM, axis=-1).astype(v_BxGxMxK.dtype)
+    out_BxLxGxRxK = jnp.einsum("BGRLM,BGMK->BLGRK", probs_BxGxRxLxM, v_BxGxMxK)
     return out_BxLxGxRxK.reshape(batch, length, heads, head_dim)
 
 
