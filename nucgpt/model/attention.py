@@ -126,30 +126,28 @@ def _xla(q_BxLxHxK, k_BxMxGxK, v_BxMxGxK, segment_ids_BxL):
     mask_BxLxM = jnp.tril(jnp.ones((length, length), dtype=bool))[None]
     if segment_ids_BxL is not None:
         mask_BxLxM = mask_BxLxM & (segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :])
-    return masked_attention(q_BxLxHxK, k_BxMxGxK.transpose(0, 2, 1, 3), v_BxMxGxK.transpose(0, 2, 1, 3), mask_BxLxM)
+    return masked_attention(q_BxLxHxK, k_BxMxGxK, v_BxMxGxK, mask_BxLxM, kv_layout="BMGK")
 
 
 def attend_cache(q_BxLxHxK: jax.Array, k_BxGxMxK: jax.Array, v_BxGxMxK: jax.Array, position: jax.Array) -> jax.Array:
     """Queries at positions position..position+L-1 against a KV cache of M slots: each sees the slots
-    up to its own position (later slots are unwritten). For decoding, where L is 1."""
+    up to its own position (later slots are unwritten). For decoding, where L is 1. The cache is
+    batch-major ([B, G, M, K]), the layout both matmuls read as is, so it is never transposed."""
     length, max_len = q_BxLxHxK.shape[1], k_BxGxMxK.shape[2]
     visible_LxM = (position + jnp.arange(length))[:, None] >= jnp.arange(max_len)[None, :]
-    return masked_attention(q_BxLxHxK, k_BxGxMxK, v_BxGxMxK, visible_LxM[None])
+    return masked_attention(q_BxLxHxK, k_BxGxMxK, v_BxGxMxK, visible_LxM[None], kv_layout="BGMK")
 
 
-def masked_attention(q_BxLxHxK, k_BxGxMxK, v_BxGxMxK, mask_BxLxM: jax.Array) -> jax.Array:
+def masked_attention(q_BxLxHxK, k, v, mask_BxLxM: jax.Array, *, kv_layout: str) -> jax.Array:
     """softmax(q kᵀ) v in float32 where `mask` (broadcast over batch) allows; GQA by grouping the
-    query heads of each KV head. Keys and values come batch-major ([B, G, M, K]), the layout both
-    matmuls read as is: a decoding cache kept so is never transposed."""
+    query heads of each KV head. `kv_layout` names the axes of k and v: "BMGK" or "BGMK"."""
     batch, length, heads, head_dim = q_BxLxHxK.shape
-    kv_heads = k_BxGxMxK.shape[1]
+    kv_heads = k.shape[kv_layout.index("G")]
     q_BxLxGxRxK = q_BxLxHxK.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
-    scores_BxGxRxLxM = jnp.einsum(
-        "BLGRK,BGMK->BGRLM", q_BxLxGxRxK, k_BxGxMxK, preferred_element_type=jnp.float32
-    )
+    scores_BxGxRxLxM = jnp.einsum(f"BLGRK,{kv_layout}->BGRLM", q_BxLxGxRxK, k, preferred_element_type=jnp.float32)
     scores_BxGxRxLxM = jnp.where(mask_BxLxM[:, None, None], scores_BxGxRxLxM, _MASKED)
-    probs_BxGxRxLxM = jax.nn.softmax(scores_BxGxRxLxM, axis=-1).astype(v_BxGxMxK.dtype)
-    out_BxLxGxRxK = jnp.einsum("BGRLM,BGMK->BLGRK", probs_BxGxRxLxM, v_BxGxMxK)
+    probs_BxGxRxLxM = jax.nn.softmax(scores_BxGxRxLxM, axis=-1).astype(v.dtype)
+    out_BxLxGxRxK = jnp.einsum(f"BGRLM,{kv_layout}->BLGRK", probs_BxGxRxLxM, v)
     return out_BxLxGxRxK.reshape(batch, length, heads, head_dim)
 
 
