@@ -279,7 +279,12 @@ def load_pretrained(init_from: str, abstract_params: Any = None) -> tuple[Config
     into those shards (do this on multi-device runs); without, as single-device arrays.
     """
     step_dir = resolve_step_dir(init_from)
-    config = load_pretrained_config(str(step_dir))
+    return load_pretrained_config(str(step_dir)), restore_params(step_dir, abstract_params)
+
+
+def restore_params(step_dir: epath.Path, abstract_params: Any = None) -> Any:
+    """The `params` item of one checkpoint step, into `abstract_params`' shardings when given."""
     checkpointer = ocp.StandardCheckpointer()
-    params = checkpointer.restore(step_dir / "params", abstract_params) if abstract_params is not None else checkpointer.restore(step_dir / "params")
-    return config, params
+    if abstract_params is None:
+        return checkpointer.restore(step_dir / "params")
+    return checkpointer.restore(step_dir / "params", abstract_params)
