@@ -4,7 +4,8 @@
 
 Training windows stream from the prepared genome's train split through the trainer's own pipeline;
 the residual stream after block `--layer` is computed on the fly (jitted) and only real bases (not
-padding, not N) reach the SAE (nucgpt/sae.py). Nothing is stored but the result. Then, on
+padding, not N) reach the SAE (nucgpt/sae.py). Every batch is split over the local devices (each
+runs the model on its own windows; the model and the SAE are replicated, gradients all-reduced). Nothing is stored but the result. Then, on
 `--eval_windows` windows spread evenly over the config's eval split:
 - FVU, and the language-model cross-entropy with the stream clean, replaced by the SAE's
   reconstruction, or zeroed (at the same positions): loss recovered = (zero − sae) / (zero − clean);
@@ -37,9 +38,10 @@ import orbax.checkpoint as ocp
 from absl import app, flags
 from etils import epath
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
-from nucgpt import checkpoint, pretrained, sae
+from nucgpt import checkpoint, pretrained, sae, sharding
 from nucgpt import loss as lm_loss
 from nucgpt.data import records
 from nucgpt.data.pipeline import BATCH_KEYS, LmExample, make_lm_iterator, read_manifest
@@ -73,6 +75,7 @@ class Options:
     top_contexts: int = 10
     log_every: int = 100
     save_every: int = 250
+    devices: int = 0  # local devices each batch is split over; 0 = all
     overwrite: bool = False
 
     def sae_config(self) -> sae.SaeConfig:
@@ -87,6 +90,11 @@ def check(options: Options) -> tuple[ConfigDict, epath.Path]:
             raise UserError(f"--{name}={getattr(options, name)} must be a positive integer")
     if options.aux_k < 0 or options.top_contexts < 0 or options.save_every < 0:
         raise UserError("--aux_k, --top_contexts and --save_every must be 0 or more")
+    if not 0 <= options.devices <= jax.local_device_count():
+        raise UserError(f"--devices={options.devices}: choose 1 to {jax.local_device_count()} (the local devices), or 0 for all")
+    if options.batch_windows % len(_devices(options)):
+        raise UserError(f"--batch_windows={options.batch_windows} must be a multiple of the {len(_devices(options))} "
+                        "devices each batch is split over (--devices)")
     if options.k >= options.latents:
         raise UserError(f"--k={options.k} must be smaller than --latents={options.latents}")
     if not options.learning_rate > 0:
@@ -106,6 +114,10 @@ def check(options: Options) -> tuple[ConfigDict, epath.Path]:
         if not splits.get(split, {}).get("records"):
             raise UserError(f"--data {config.data.path}: split {split!r} has no records")
     return config, step_dir
+
+
+def _devices(options: Options) -> list[jax.Device]:
+    return jax.local_devices()[: options.devices or None]
 
 
 def load_model(config: ConfigDict, step_dir: epath.Path) -> tuple[nnx.GraphDef, dict]:
@@ -216,9 +228,9 @@ class Progress:
 
 
 def train(options: Options, config: ConfigDict, graphdef: nnx.GraphDef, params: dict, progress: Progress,
-          stop: StopRequest) -> tuple[sae.State, list[dict], int]:
+          stop: StopRequest, mesh: Mesh) -> tuple[sae.State, list[dict], int]:
     """(the SAE trained to `options.steps` batches of train windows, its console lines as dicts, tokens seen),
-    continuing from `progress` when it holds a saved run."""
+    continuing from `progress` when it holds a saved run. Batches are split over `mesh`'s data axis."""
     cfg, layer = options.sae_config(), options.layer
     tokenizer = get_tokenizer(config.data.tokenizer, pad_multiple=config.data.kmer_pad_multiple)
     iterator = make_lm_iterator(
@@ -233,17 +245,24 @@ def train(options: Options, config: ConfigDict, graphdef: nnx.GraphDef, params: 
     def step_fn(state, model_params, inputs_BxL, segment_ids_BxL, mask_BxL):
         return sae.train_step(cfg, state, residual_NxD(model_params, inputs_BxL, segment_ids_BxL), mask_BxL.reshape(-1))
 
-    def fresh_state(batch):
-        x_NxD = jax.jit(residual_NxD)(params, batch["inputs"], batch["segment_ids"])
-        return sae.init_state(cfg, jax.random.key(options.seed), x_NxD, token_mask(batch["inputs"], tokenizer).reshape(-1))
+    replicated, split_rows = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
 
-    step = jax.jit(step_fn, donate_argnums=0)
+    def model_inputs(batch):
+        """(inputs, segment ids, the SAE's token mask), each device given its own rows; the mask's count."""
+        mask_BxL = token_mask(batch["inputs"], tokenizer)
+        return jax.device_put((batch["inputs"], batch["segment_ids"], mask_BxL), split_rows), int(mask_BxL.sum())
+
+    def fresh_state(batch):
+        (inputs_BxL, segment_ids_BxL, mask_BxL), _ = model_inputs(batch)
+        x_NxD = jax.jit(residual_NxD)(params, inputs_BxL, segment_ids_BxL)
+        return jax.device_put(sae.init_state(cfg, jax.random.key(options.seed), x_NxD, mask_BxL.reshape(-1)), replicated)
+
+    step = jax.jit(step_fn, donate_argnums=0, out_shardings=replicated)
     rows = options.batch_windows * config.train.seq_len
     x_shape = jax.ShapeDtypeStruct((rows, config.model.d_model), jnp.float32)
     abstract_state = jax.eval_shape(lambda x, m: sae.init_state(cfg, jax.random.key(0), x, m), x_shape,
                                     jax.ShapeDtypeStruct((rows,), jnp.bool_))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    resumed = progress.restore(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+    resumed = progress.restore(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
                                             abstract_state), iterator)
     if resumed is None:
         first = next(iterator)
@@ -254,9 +273,9 @@ def train(options: Options, config: ConfigDict, graphdef: nnx.GraphDef, params: 
     stop.training = True
     try:
         for i, batch in zip(range(done + 1, options.steps + 1), batches):
-            mask_BxL = token_mask(batch["inputs"], tokenizer)
-            state, metrics = step(state, params, batch["inputs"], batch["segment_ids"], mask_BxL)
-            tokens += int(mask_BxL.sum())
+            (inputs_BxL, segment_ids_BxL, mask_BxL), count = model_inputs(batch)
+            state, metrics = step(state, params, inputs_BxL, segment_ids_BxL, mask_BxL)
+            tokens += count
             if i % options.log_every == 0 or i == options.steps:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 rate = tokens / (time.perf_counter() - start)
@@ -374,8 +393,9 @@ def _eval_batch(config: ConfigDict, raw: list[bytes], windows: list[Window], row
 
 
 def evaluate(options: Options, config: ConfigDict, graphdef: nnx.GraphDef, params: dict,
-             state: sae.State) -> tuple[dict, FeatureStats, list[Window]]:
-    """(metrics, per-latent statistics, the windows they index) on held-out windows."""
+             state: sae.State, mesh: Mesh) -> tuple[dict, FeatureStats, list[Window]]:
+    """(metrics, per-latent statistics, the windows they index) on held-out windows, each batch split
+    over `mesh`'s data axis."""
     seq_len, bp_per_token, rows = config.train.seq_len, bases_per_token(config), options.batch_windows
     top = max(min(options.top_contexts, rows * seq_len), 1)
     eval_fn = _eval_fn(options, graphdef, top)
@@ -384,8 +404,9 @@ def evaluate(options: Options, config: ConfigDict, graphdef: nnx.GraphDef, param
     variance_total, lm_total = None, None
     for first in range(0, len(raw), rows):
         batch = _eval_batch(config, raw[first : first + rows], windows[first : first + rows], rows)
-        model_batch = {k: batch[k] for k in BATCH_KEYS}
-        variance, lm_stats, *codes = jax.device_get(eval_fn(params, state, model_batch, batch["mask"]))
+        model_batch, mask_BxL = jax.device_put(({k: batch[k] for k in BATCH_KEYS}, batch["mask"]),
+                                               NamedSharding(mesh, PartitionSpec("data")))
+        variance, lm_stats, *codes = jax.device_get(eval_fn(params, state, model_batch, mask_BxL))
         values_NxK, indices_NxK, top_values_FxM, top_tokens_FxM = codes
         stats.add(values_NxK, indices_NxK, batch["mask"].reshape(-1), batch["repeat"].reshape(-1),
                   batch["base"].reshape(-1), top_values_FxM, top_tokens_FxM + first * seq_len)
@@ -509,15 +530,18 @@ def run_sae(options: Options, stop: StopRequest | None = None) -> dict:
     """Check, train (or continue), evaluate, report, write; returns the sae.json contents."""
     config, step_dir = check(options)
     progress = Progress(options, step_dir)
-    try:
-        progress.check(options.steps)
-        graphdef, params = load_model(config, step_dir)
-        print(f"layer {options.layer} of {step_dir} (d_model {config.model.d_model}); {options.latents} latents, "
-              f"k={options.k}; data {config.data.path}", flush=True)
-        state, log, train_tokens = train(options, config, graphdef, params, progress, stop or StopRequest())
-    finally:
-        progress.close()
-    metrics, stats, windows = evaluate(options, config, graphdef, params, state)
+    mesh = sharding.data_parallel_mesh(_devices(options))
+    with sharding.use_mesh(mesh, config.mesh.logical_axis_rules):
+        try:
+            progress.check(options.steps)
+            graphdef, params = load_model(config, step_dir)
+            params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+            print(f"layer {options.layer} of {step_dir} (d_model {config.model.d_model}); {options.latents} latents, "
+                  f"k={options.k}; {mesh.size} device(s); data {config.data.path}", flush=True)
+            state, log, train_tokens = train(options, config, graphdef, params, progress, stop or StopRequest(), mesh)
+        finally:
+            progress.close()
+        metrics, stats, windows = evaluate(options, config, graphdef, params, state, mesh)
     dead_F = np.asarray(state["tokens_since_fired_F"]) >= options.dead_tokens
     features = feature_records(options, config, stats, windows, dead_F)
     meta = {
@@ -569,6 +593,7 @@ def _define_flags() -> None:
     flags.DEFINE_integer("log_every", defaults.log_every, "Steps between console lines.")
     flags.DEFINE_integer("save_every", defaults.save_every,
                          "Steps between saves of the training progress to <output>.resume/ (0 = never).")
+    flags.DEFINE_integer("devices", defaults.devices, "Local devices each batch is split over (0 = all).")
     flags.DEFINE_bool("overwrite", defaults.overwrite, "Replace an existing --output folder.")
 
 

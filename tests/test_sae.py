@@ -208,10 +208,11 @@ def test_trains_and_reports_features_against_the_softmask(pretrained, capsys):
 
 def test_an_interrupted_run_continues_to_the_result_of_an_uninterrupted_one(pretrained, tmp_path, monkeypatch, capsys):
     """SIGTERM saves at the next step; a crash after a periodic save loses only the steps since; each
-    rerun of the same command continues (with more --steps too) and a finished run deletes its progress."""
+    rerun of the same command continues (with more --steps too) and a finished run deletes its progress.
+    The interrupted runs split each batch over 8 devices, the uninterrupted one runs on one: same SAE."""
     base = dict(checkpoint=str(pretrained / "lm"), layer=1, latents=32, k=4, learning_rate=3e-3, eval_windows=4,
                 top_contexts=2, log_every=2, save_every=4, dead_tokens=2000)
-    straight = sae_train.run_sae(sae_train.Options(output=str(tmp_path / "straight"), steps=6, **base))
+    straight = sae_train.run_sae(sae_train.Options(output=str(tmp_path / "straight"), steps=6, devices=1, **base))
     out, progress = tmp_path / "resumed", tmp_path / "resumed.resume"
     options = sae_train.Options(output=str(out), steps=6, **base)
 
@@ -238,7 +239,7 @@ def test_an_interrupted_run_continues_to_the_result_of_an_uninterrupted_one(pret
     capsys.readouterr()
     resumed = sae_train.run_sae(options)
     console = capsys.readouterr().out
-    assert "resumed from step 4" in console
+    assert "resumed from step 4" in console and "; 8 device(s);" in console
     assert [l.split("|")[0].split() for l in console.splitlines() if l.startswith("step ")] == [["step", "6"]]
     assert not progress.exists() and sorted(os.listdir(tmp_path)) == ["resumed", "straight"]
     assert [e["step"] for e in resumed["train_log"]] == [e["step"] for e in straight["train_log"]] == [2, 4, 6]
@@ -295,6 +296,8 @@ def _classify_checkpoint(tmp_path):
     (dict(checkpoint="/nonexistent/run"), r"--checkpoint: no checkpoint found in /nonexistent/run"),
     (dict(checkpoint="CLASSIFY"), r"a 'classify' checkpoint; a sparse autoencoder needs a pretraining"),
     (dict(output="EXISTING"), r"already exists; choose a new folder or pass --overwrite"),
+    (dict(devices=9), r"--devices=9: choose 1 to 8 \(the local devices\), or 0 for all"),
+    (dict(devices=3), r"--batch_windows=8 must be a multiple of the 3 devices each batch is split over"),
 ])
 def test_bad_options_are_user_errors(pretrained, tmp_path, change, message):
     change = dict(change)
