@@ -9,7 +9,8 @@ positions count from the start of each row: padding (segment id 0) sits at the e
 
 Generation runs the same blocks with a KV cache: `prefill` the prompt, then one `decode_step` per
 token; both share the training path's projections, RoPE, norms and MLP, so cached logits are the
-full forward pass's.
+full forward pass's. Decoding runs the layers unrolled (scanned weights sliced per layer) over a
+per-layer cache that each step updates in place.
 """
 
 from __future__ import annotations
@@ -193,15 +194,14 @@ def apply_rope(x_BxLxHxK: jax.Array, sin_LxK: jax.Array, cos_LxK: jax.Array) -> 
 
 
 class LayerCache(NamedTuple):
-    """One layer's rotated keys and values, [B, kv_heads, max_len, head_dim] in compute dtype (the
-    layout the attention matmuls read without a transpose); with `scan_layers` one LayerCache holds
-    every layer on a leading axis, updated in place, else the cache is a list."""
+    """One layer's rotated keys and values, [B, kv_heads, max_len, head_dim] in compute dtype: the
+    layout the attention matmuls read without a transpose."""
 
     k: jax.Array
     v: jax.Array
 
 
-Cache = LayerCache | list[LayerCache]
+Cache = list[LayerCache]  # one per layer, scanned or not: decoding runs the layers unrolled
 
 
 def _attention_backend(cfg: ml_collections.ConfigDict, seq_len: int) -> str:
@@ -280,34 +280,25 @@ class Block(nnx.Module):
         out_BxLxHxK = self._attend(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, backend)
         return self._project_out(out_BxLxHxK, x_BxLxD.dtype)
 
-    def _cached_attention(self, x_BxLxD, sin_LxK, cos_LxK, position, cache: LayerCache, backend: str | None,
-                          layer: jax.Array | None):
-        """Attention for tokens at `position`..: their k and v are written into the cache first (into
-        slot `layer` of a stacked cache). `backend` None attends to the cache (decoding); a backend means
-        the tokens are the whole prefix (prefill, position 0) and attend to themselves, as in training."""
+    def _cached_attention(self, x_BxLxD, sin_LxK, cos_LxK, position, cache: LayerCache, backend: str | None):
+        """Attention for tokens at `position`..: their k and v are written into the cache first.
+        `backend` None attends to the cache (decoding); a backend means the tokens are the whole
+        prefix (prefill, position 0) and attend to themselves, as in training."""
         q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = self._qkv(x_BxLxD, sin_LxK, cos_LxK)
-
-        def write(full, new_BxLxGxK):
-            new_BxGxLxK = new_BxLxGxK.transpose(0, 2, 1, 3).astype(full.dtype)
-            if layer is None:
-                return jax.lax.dynamic_update_slice(full, new_BxGxLxK, (0, 0, position, 0))
-            return jax.lax.dynamic_update_slice(full, new_BxGxLxK[None], (layer, 0, 0, position, 0))
-
+        write = lambda full_BxGxMxK, new_BxLxGxK: jax.lax.dynamic_update_slice(
+            full_BxGxMxK, new_BxLxGxK.transpose(0, 2, 1, 3).astype(full_BxGxMxK.dtype), (0, 0, position, 0)
+        )
         cache = LayerCache(write(cache.k, k_BxLxGxK), write(cache.v, v_BxLxGxK))
         if backend is None:
-            read = (lambda c: c) if layer is None else (lambda c: jax.lax.dynamic_index_in_dim(c, layer, keepdims=False))
-            out_BxLxHxK = attention.attend_cache(q_BxLxHxK, read(cache.k), read(cache.v), position)
+            out_BxLxHxK = attention.attend_cache(q_BxLxHxK, cache.k, cache.v, position)
         else:
             out_BxLxHxK = self._attend(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, None, backend)
         return self._project_out(out_BxLxHxK, x_BxLxD.dtype), cache
 
-    def cached(self, x_BxLxD, sin_LxK, cos_LxK, position, cache: LayerCache, backend: str | None,
-               layer: jax.Array | None = None) -> tuple[jax.Array, LayerCache]:
-        """The block for tokens at `position`.. with its KV cache: this layer's, or the stacked cache of
-        every layer and this one's index `layer` (see `_cached_attention`)."""
+    def cached(self, x_BxLxD, sin_LxK, cos_LxK, position, cache: LayerCache, backend: str | None) -> tuple[jax.Array, LayerCache]:
+        """The block for tokens at `position`.. with this layer's KV cache (see `_cached_attention`)."""
         attend = functools.partial(
-            self._cached_attention, sin_LxK=sin_LxK, cos_LxK=cos_LxK, position=position, cache=cache, backend=backend,
-            layer=layer,
+            self._cached_attention, sin_LxK=sin_LxK, cos_LxK=cos_LxK, position=position, cache=cache, backend=backend
         )
         x_BxLxD, cache = self._sublayer(x_BxLxD, self.attn_in_norm, getattr(self, "attn_out_norm", None), attend, has_aux=True)
         return self._sublayer(x_BxLxD, self.mlp_in_norm, getattr(self, "mlp_out_norm", None), self.mlp), cache
@@ -418,10 +409,8 @@ class Transformer(nnx.Module):
     def init_cache(self, batch: int, max_len: int) -> Cache:
         """An empty KV cache for `max_len` positions (prompt and generated tokens) of `batch` rows."""
         cfg = self.cfg
-        layers = (cfg.num_layers,) if cfg.scan_layers else ()
-        shape = (*layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-        empty = lambda: LayerCache(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype))
-        return empty() if cfg.scan_layers else [empty() for _ in range(cfg.num_layers)]
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        return [LayerCache(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype)) for _ in range(cfg.num_layers)]
 
     def prefill(self, tokens_BxP: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
         """(float32 logits [B, vocab] of the prompt's last position, the cache holding the prompt):
@@ -437,19 +426,17 @@ class Transformer(nnx.Module):
         cfg = self.cfg
         sin_LxK, cos_LxK = rope_tables(tokens_BxL.shape[1], cfg.head_dim, cfg.rope_base, start=position)
         x_BxLxD = self._embed(tokens_BxL)
-        if cfg.scan_layers:
-            graphdef, stacked_state = nnx.split(self.blocks)
-
-            def layer(carry, state_and_index):  # the stacked cache is carried, so each layer writes its slot in place
-                (x_BxLxD, cache), (block_state, index) = carry, state_and_index
-                return nnx.merge(graphdef, block_state).cached(x_BxLxD, sin_LxK, cos_LxK, position, cache, backend, index), None
-
-            (x_BxLxD, cache), _ = jax.lax.scan(layer, (x_BxLxD, cache), (stacked_state, jnp.arange(cfg.num_layers)))
-        else:
-            updated = []
-            for block, layer_cache in zip(self.blocks, cache):
-                x_BxLxD, layer_cache = block.cached(x_BxLxD, sin_LxK, cos_LxK, position, layer_cache, backend)
-                updated.append(layer_cache)
-            cache = updated
+        updated = []
+        for block, layer_cache in zip(self._unstacked_blocks(), cache):
+            x_BxLxD, layer_cache = block.cached(x_BxLxD, sin_LxK, cos_LxK, position, layer_cache, backend)
+            updated.append(layer_cache)
         logits_Bx1xV = self.unembed(self._final_norm(x_BxLxD[:, -1:]))
-        return logits_Bx1xV[:, 0], cache
+        return logits_Bx1xV[:, 0], updated
+
+    def _unstacked_blocks(self) -> list[Block]:
+        """The blocks one by one; scanned ones sliced out of their stacked weights (static slices, so
+        a decoding step reads each layer's weights and cache in place, with nothing copied)."""
+        if not self.cfg.scan_layers:
+            return list(self.blocks)
+        graphdef, stacked_state = nnx.split(self.blocks)
+        return [nnx.merge(graphdef, jax.tree.map(lambda a: a[i], stacked_state)) for i in range(self.cfg.num_layers)]
