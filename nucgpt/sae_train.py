@@ -5,8 +5,9 @@
 Training windows stream from the prepared genome's train split through the trainer's own pipeline;
 the residual stream after block `--layer` is computed on the fly (jitted) and only real bases (not
 padding, not N) reach the SAE (nucgpt/sae.py). Every batch is split over the local devices (each
-runs the model on its own windows; the model and the SAE are replicated, gradients all-reduced). Nothing is stored but the result. Then, on
-`--eval_windows` windows spread evenly over the config's eval split:
+runs the model on its own windows; the model and the SAE are replicated, gradients all-reduced).
+No activations are stored. Then, on `--eval_windows` windows spread evenly over the config's
+eval split:
 - FVU, and the language-model cross-entropy with the stream clean, replaced by the SAE's
   reconstruction, or zeroed (at the same positions): loss recovered = (zero − sae) / (zero − clean);
 - per latent: firing frequency, mean activation, the fraction of its firings on repeat (lowercase)
@@ -121,7 +122,8 @@ def _devices(options: Options) -> list[jax.Device]:
 
 
 def load_model(config: ConfigDict, step_dir: epath.Path) -> tuple[nnx.GraphDef, dict]:
-    """The Transformer's graph and its pretrained params on one device (no random init is run)."""
+    """The Transformer's graph and its pretrained params on one device (no random init is run);
+    `run_sae` replicates them over its devices."""
     graphdef, state = nnx.split(pretrained.load_transformer(step_dir, config.model))
     return graphdef, nnx.to_pure_dict(state)
 
