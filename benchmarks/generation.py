@@ -22,12 +22,17 @@ from nucgpt import generate
 from nucgpt.errors import exits_cleanly_on_user_error, parse_flags
 from nucgpt.model import Transformer
 
-config_flags.DEFINE_config_file("config", None, "configs/pretrain.py:<preset>", lock_config=True)
-flags.DEFINE_integer("samples", 16, "sequences sampled together (the batch)")
-flags.DEFINE_integer("prompt_tokens", 16, "prompt length in tokens")
-flags.DEFINE_integer("tokens", 1024, "tokens generated per sample")
-flags.DEFINE_integer("runs", 3, "timed calls; the median is reported")
 FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+    """Flags exist only when this module is the program, so importing it never clashes with others."""
+    config_flags.DEFINE_config_file("config", None, "configs/pretrain.py:<preset>", lock_config=True)
+    flags.DEFINE_integer("samples", 16, "sequences sampled together (the batch)")
+    flags.DEFINE_integer("prompt_tokens", 16, "prompt length in tokens")
+    flags.DEFINE_integer("tokens", 1024, "tokens generated per sample")
+    flags.DEFINE_integer("runs", 3, "timed calls; the median is reported")
+    flags.mark_flag_as_required("config")
 
 
 def measure(config, samples: int, prompt_tokens: int, tokens: int, runs: int) -> dict:
@@ -72,5 +77,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    flags.mark_flag_as_required("config")
+    _define_flags()
     app.run(main, flags_parser=parse_flags)
