@@ -13,19 +13,22 @@ previous one, which nothing in the model enforces.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
 import time
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
-from nucgpt import pretrained
+from nucgpt import pretrained, sharding
 from nucgpt.data.fasta import read_records
 from nucgpt.errors import UserError, exits_cleanly_on_user_error, parse_flags, start_main
 from nucgpt.files import atomic_file
@@ -122,7 +125,8 @@ def _pick(logits_SxV: jax.Array, key: jax.Array, allowed_V: jax.Array, temperatu
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_tokens"))
 def _sample(graphdef, state, prompt_SxP, allowed_V, key, temperature, top_k, *, num_tokens: int):
-    """Prefill, then a scan of (pick a token, decode it) steps; the last pick needs no decode."""
+    """Prefill, then a scan of (pick a token, decode it) steps; the last pick needs no decode. The draws
+    do not depend on how the samples are spread over devices (JAX's partitionable threefry)."""
     model = nnx.merge(graphdef, state)
     num_samples, prompt_len = prompt_SxP.shape
     pick = functools.partial(_pick, allowed_V=allowed_V, temperature=temperature, top_k=top_k)
@@ -151,15 +155,27 @@ def sample(
     top_k: int = 0,
     allowed_V: np.ndarray,
     seed: int = 0,
+    rules: sharding.Rules | None = None,
+    devices: Sequence[jax.Device] | None = None,
 ) -> np.ndarray:
-    """int32 [num_samples, num_tokens]: continuations of the prompt's token ids `prompt_P`."""
+    """int32 [num_samples, num_tokens]: continuations of the prompt's token ids `prompt_P`.
+
+    The samples are split over as many of `devices` (default: the local ones) as divide their
+    number, the weights replicated; `rules` (the checkpoint's `mesh.logical_axis_rules`) let the
+    model's own sharding annotations and kernels see that mesh. The output is the same on any number.
+    """
+    devices = list(devices or jax.local_devices())
+    mesh = sharding.data_parallel_mesh(devices[: max(d for d in range(1, len(devices) + 1) if num_samples % d == 0)])
     graphdef, state = nnx.split(model)
-    prompt_SxP = jnp.broadcast_to(jnp.asarray(prompt_P, jnp.int32), (num_samples, len(prompt_P)))
-    tokens_SxT = _sample(
-        graphdef, state, prompt_SxP, jnp.asarray(allowed_V), jax.random.key(seed),
-        jnp.float32(temperature), jnp.int32(min(top_k, len(allowed_V))), num_tokens=num_tokens,
-    )
-    return np.asarray(tokens_SxT)
+    with sharding.use_mesh(mesh, rules) if rules is not None else contextlib.nullcontext():
+        state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+        prompt_SxP = jax.device_put(np.broadcast_to(np.asarray(prompt_P, np.int32), (num_samples, len(prompt_P))),
+                                    NamedSharding(mesh, PartitionSpec("data")))
+        tokens_SxT = _sample(
+            graphdef, state, prompt_SxP, jnp.asarray(allowed_V), jax.random.key(seed),
+            jnp.float32(temperature), jnp.int32(min(top_k, len(allowed_V))), num_tokens=num_tokens,
+        )
+        return np.asarray(tokens_SxT)
 
 
 def write_fasta(path: str, records: list[tuple[str, str]]) -> None:
@@ -206,6 +222,7 @@ def main(argv) -> None:
         model, tokenizer.encode(prompt)[0], -(-num_bases // tokenizer.k),
         num_samples=num_samples, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
         allowed_V=allowed_tokens(tokenizer, config.model.vocab_size, _ALLOW_N.value), seed=_SEED.value,
+        rules=config.mesh.logical_axis_rules,
     )
     seconds = time.perf_counter() - start
     generated_SxN = tokenizer.decode(tokens_SxT)[:, :num_bases]

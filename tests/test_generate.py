@@ -129,6 +129,25 @@ def test_sampling_is_reproducible_and_never_picks_pad_or_n():
     assert 5 in with_n and 0 not in with_n
 
 
+def test_samples_are_split_over_devices_and_equal_on_one(monkeypatch):
+    """Samples go to as many of the 8 devices as divide their number; the draws are those of one device."""
+    devices_per_call = []
+    sample_loop = generate._sample
+
+    def spy(graphdef, state, prompt_SxP, *rest, **kwargs):
+        devices_per_call.append(len(prompt_SxP.sharding.device_set))
+        return sample_loop(graphdef, state, prompt_SxP, *rest, **kwargs)
+
+    monkeypatch.setattr(generate, "_sample", spy)
+    allowed_V = generate.allowed_tokens(NUCLEOTIDE, 6, allow_n=False)
+    on_one = generate.sample(tiny_model(), np.array(PROMPT, np.int32), NUM_TOKENS, num_samples=SAMPLES,
+                             allowed_V=allowed_V, temperature=5.0, seed=3, devices=jax.devices()[:1])
+    spread = draw(temperature=5.0, seed=3)
+    assert devices_per_call == [1, SAMPLES] and jax.device_count() == 8
+    np.testing.assert_array_equal(spread, on_one)
+    assert (spread[0] != spread[1]).any()
+
+
 def test_top_k_keeps_the_k_most_likely_tokens_and_top_1_is_greedy():
     np.testing.assert_array_equal(draw(temperature=1.0, top_k=1, seed=7), draw(temperature=0.0))
     assert (ranks(draw(temperature=5.0, top_k=2, seed=3)) < 2).all()
