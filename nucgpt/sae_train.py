@@ -176,11 +176,12 @@ class Progress:
                 max_to_keep=1, create=True, enable_async_checkpointing=False))
         return self._manager
 
+    def saved_step(self) -> int | None:
+        return self.manager().latest_step() if self.directory.exists() else None
+
     def saved_run(self) -> tuple[int, dict] | None:
         """(step, the run's settings and log) of the saved progress; None when there is none."""
-        if not self.directory.exists():
-            return None
-        step = self.manager().latest_step()
+        step = self.saved_step()
         if step is None:
             return None
         return step, self.manager().restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
@@ -209,10 +210,9 @@ class Progress:
 
     def restore(self, abstract_state: sae.State, iterator) -> tuple[sae.State, int, list[dict], int] | None:
         """(state, step, log, tokens trained) of the saved progress, the iterator moved to its position."""
-        saved = self.saved_run()
-        if saved is None:
+        step = self.saved_step()
+        if step is None:
             return None
-        step = saved[0]
         restored = self.manager().restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=checkpoint.IteratorRestore(iterator),
             run=ocp.args.JsonRestore()))

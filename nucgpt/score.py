@@ -121,7 +121,7 @@ def _row_sums(graphdef: nnx.GraphDef, params, inputs_BxL, targets_BxL, valid_BxL
 
 
 def score_batch(graphdef, params, batch: list[Window], length: int, rows: int,
-                rows_sharding: jax.sharding.Sharding | None = None) -> dict[str, np.ndarray]:
+                rows_sharding: jax.sharding.Sharding) -> dict[str, np.ndarray]:
     """Sums (and `log_p` per target) for up to `rows` windows padded to `length` inputs (missing rows
     are all padding), the rows placed by `rows_sharding`."""
     inputs, targets = np.full((rows, length), PAD_ID, np.int32), np.full((rows, length), PAD_ID, np.int32)
