@@ -40,7 +40,8 @@ def measure(config, samples: int, prompt_tokens: int, tokens: int, runs: int) ->
     model = Transformer(config.model, rngs=nnx.Rngs(0))
     allowed_V = generate.allowed_tokens(generate.generation_tokenizer(config), config.model.vocab_size, allow_n=False)
     prompt_P = np.random.default_rng(0).choice(np.flatnonzero(allowed_V), prompt_tokens).astype(np.int32)
-    sample = lambda seed: generate.sample(model, prompt_P, tokens, num_samples=samples, allowed_V=allowed_V, seed=seed)
+    sample = lambda seed: generate.sample(model, prompt_P, tokens, num_samples=samples, allowed_V=allowed_V, seed=seed,
+                                          rules=config.mesh.logical_axis_rules)  # as `nucgpt.generate` runs it
     start = time.perf_counter()
     sample(0)
     first_call_s = time.perf_counter() - start
