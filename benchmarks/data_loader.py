@@ -42,7 +42,7 @@ def _dataset() -> str:
     root = os.path.join(tempfile.gettempdir(), f"nucgpt_bench_loader_{FLAGS.bp}")
     if not os.path.exists(os.path.join(root, "ds", "manifest.json")):
         os.makedirs(root, exist_ok=True)
-        synthetic.write_genome(os.path.join(root, "g.fa.gz"), bp=FLAGS.bp, seed=0, num_chroms=4)
+        synthetic.write_genome(os.path.join(root, "g.fa.gz"), bp=FLAGS.bp, seed=0, num_chroms=4, overwrite=True)
         prepare([os.path.join(root, "g.fa.gz")], os.path.join(root, "ds"), window=8192, overwrite=True, progress=False)
     return os.path.join(root, "ds")
 

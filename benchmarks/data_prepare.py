@@ -52,7 +52,7 @@ def main(argv: Sequence[str]) -> None:
     fasta = FLAGS.fasta or os.path.join(tempfile.gettempdir(), f"nucgpt_bench_{FLAGS.bp}.fa.gz")
     if not os.path.exists(fasta):
         partial = fasta.replace(".fa.gz", ".part.fa.gz")  # renamed when complete; keeps the .gz suffix
-        synthetic.write_genome(partial, bp=FLAGS.bp, seed=0, num_chroms=8)
+        synthetic.write_genome(partial, bp=FLAGS.bp, seed=0, num_chroms=8, overwrite=True)
         os.rename(partial, fasta)
     out = tempfile.mkdtemp(prefix="nucgpt_bench_prepare_")
     try:

@@ -26,6 +26,18 @@ def check_can_create(path: str, flag: str, *, folder: bool) -> None:
         raise UserError(f"{flag} {path}: {target} is not writable")
 
 
+def check_replaceable(path: str, flag: str, *, overwrite: bool, marker: str, what: str) -> None:
+    """An existing `path` is replaced only with --overwrite, and only when it is empty or holds `marker`
+    (the file that makes it `what`): a mistyped --overwrite must not delete a folder we did not write."""
+    if not os.path.exists(path):
+        return
+    if not overwrite:
+        raise UserError(f"{flag} {path} already exists; choose a new folder or pass --overwrite")
+    if os.path.isdir(path) and os.listdir(path) and not os.path.isfile(os.path.join(path, marker)):
+        raise UserError(f"{flag} {path}: not {what} (no {marker}); --overwrite replaces only those, "
+                        "so this folder is left as it is")
+
+
 @contextlib.contextmanager
 def atomic_file(path: str, mode: str = "w") -> Iterator[IO]:
     """Opens a new file beside `path` (its folders made) for writing (`w` or `wb`); when the block

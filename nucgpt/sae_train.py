@@ -47,7 +47,7 @@ from nucgpt import loss as lm_loss
 from nucgpt.data import records
 from nucgpt.data.pipeline import BATCH_KEYS, LmExample, make_lm_iterator, read_manifest
 from nucgpt.errors import UserError, exits_cleanly_on_user_error, parse_flags, start_main
-from nucgpt.files import check_can_create, replace_folder
+from nucgpt.files import check_can_create, check_replaceable, replace_folder
 from nucgpt.tasks.pretrain import bases_per_token
 from nucgpt.tokenizers import BASES, PAD_ID, Tokenizer, base_codes, get_tokenizer
 
@@ -100,8 +100,8 @@ def check(options: Options) -> tuple[ConfigDict, epath.Path]:
         raise UserError(f"--k={options.k} must be smaller than --latents={options.latents}")
     if not options.learning_rate > 0:
         raise UserError(f"--learning_rate={options.learning_rate} must be positive")
-    if os.path.exists(options.output) and not options.overwrite:
-        raise UserError(f"--output {options.output} already exists; choose a new folder or pass --overwrite")
+    check_replaceable(options.output, "--output", overwrite=options.overwrite, marker="sae.json",
+                      what="an SAE output folder")
     check_can_create(options.output, "--output", folder=True)
     step_dir, config = pretrained.pretraining_checkpoint(options.checkpoint, "--checkpoint", "a sparse autoencoder")
     num_layers = config.model.num_layers

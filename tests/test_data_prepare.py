@@ -3,6 +3,7 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 
@@ -177,10 +178,20 @@ def test_existing_out_refused_unless_overwrite(genome_files, tmp_path):
     (out / "keep.txt").write_text("mine")
     with pytest.raises(UserError, match="already exists"):
         prepare([genome_files[1]], out, window=5000, progress=False)
+    with pytest.raises(UserError, match="not a prepared dataset"):  # --overwrite never deletes a user's folder
+        prepare([genome_files[1]], out, window=5000, overwrite=True, progress=False)
     assert _leftovers(out) == ["keep.txt"]
-    prepare([genome_files[1]], out, window=5000, overwrite=True, progress=False)
-    assert "manifest.json" in _leftovers(out) and "keep.txt" not in _leftovers(out)
+    (out / "keep.txt").unlink()
+    prepare([genome_files[1]], out, window=5000, overwrite=True, progress=False)  # empty: replaced
+    (out / "extra.txt").write_text("stale")
+    prepare([genome_files[1]], out, window=5000, overwrite=True, progress=False)  # a dataset: replaced
+    assert "manifest.json" in _leftovers(out) and "extra.txt" not in _leftovers(out)
     assert _leftovers(tmp_path) == ["out"]
+    inside = out / "genome.fa"
+    shutil.copy(genome_files[1], inside)
+    with pytest.raises(UserError, match="inside --out"):
+        prepare([inside], out, window=5000, overwrite=True, progress=False)
+    assert inside.exists()
 
 
 def test_cli_prepare_inspect_and_clean_error(genome_files, tmp_path):

@@ -71,3 +71,19 @@ def test_repeats_are_learnable(genome):
 def test_bad_size_is_user_error(tmp_path):
     with pytest.raises(UserError, match="bp >= num_chroms"):
         synthetic.write_genome(tmp_path / "g.fa", bp=2, seed=0, num_chroms=4)
+
+
+def test_existing_file_kept_unless_overwrite(tmp_path):
+    path = tmp_path / "hg38.fa"
+    path.write_text(">chr1\nACGT\n")
+    with pytest.raises(UserError, match=r"already exists; choose a new file or pass --overwrite"):
+        synthetic.write_genome(path, bp=1000, seed=0)
+    assert path.read_text() == ">chr1\nACGT\n"
+    synthetic.write_genome(path, bp=1000, seed=0, overwrite=True)
+    assert path.read_text().startswith(">chr1 synthetic")
+
+
+def test_every_chromosome_has_bases():
+    for bp, num_chroms in [(4, 4), (5, 4), (30, 25), (1_000_000, 4)]:
+        sizes = synthetic.chromosome_sizes(bp, num_chroms)
+        assert sum(sizes) == bp and min(sizes) >= 1

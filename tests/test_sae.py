@@ -296,6 +296,7 @@ def _classify_checkpoint(tmp_path):
     (dict(checkpoint="/nonexistent/run"), r"--checkpoint: no checkpoint found in /nonexistent/run"),
     (dict(checkpoint="CLASSIFY"), r"a 'classify' checkpoint; a sparse autoencoder needs a pretraining"),
     (dict(output="EXISTING"), r"already exists; choose a new folder or pass --overwrite"),
+    (dict(output="EXISTING", overwrite=True), r"not an SAE output folder \(no sae.json\); --overwrite replaces only"),
     (dict(devices=9), r"--devices=9: choose 1 to 8 \(the local devices\), or 0 for all"),
     (dict(devices=3), r"--batch_windows=8 must be a multiple of the 3 devices each batch is split over"),
 ])
@@ -305,6 +306,7 @@ def test_bad_options_are_user_errors(pretrained, tmp_path, change, message):
         change["checkpoint"] = str(_classify_checkpoint(tmp_path))
     if change.get("output") == "EXISTING":
         change["output"] = str(tmp_path)
+        (tmp_path / "notes.txt").write_text("not ours")
     options = sae_train.Options(checkpoint=str(pretrained / "lm"), layer=1, output=str(tmp_path / "o"), latents=64)
     with pytest.raises(UserError, match=message):
         sae_train.check(sae_train.Options(**{**options.__dict__, **change}))

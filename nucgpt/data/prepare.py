@@ -26,7 +26,7 @@ from absl import app, flags
 
 from nucgpt.data import fasta, records
 from nucgpt.errors import UserError, exits_cleanly_on_user_error, parse_flags
-from nucgpt.files import check_can_create, replace_folder
+from nucgpt.files import check_can_create, check_replaceable, replace_folder
 
 SPLITS = ("train", "valid", "test")
 DEFAULT_INCLUDE = r".*"
@@ -174,9 +174,11 @@ def prepare(
     _check_options(fasta_paths + csv_paths, window, stride, max_n, records_per_shard, valid_chroms, test_chroms)
     include_re, exclude_re = _compile("include", include), _compile("exclude", exclude)
     out_dir = os.path.abspath(os.fspath(out_dir))
-    if os.path.exists(out_dir) and not overwrite:
-        raise UserError(f"--out {out_dir} already exists (pass --overwrite to replace it)")
+    check_replaceable(out_dir, "--out", overwrite=overwrite, marker="manifest.json", what="a prepared dataset")
     check_can_create(out_dir, "--out", folder=True)
+    for path in fasta_paths + csv_paths:
+        if os.path.abspath(path).startswith(out_dir + os.sep):
+            raise UserError(f"{path}: an input inside --out {out_dir}, which would be replaced; move it out first")
     options = dict(window=window, stride=stride, max_n=max_n, keep_tail=keep_tail, valid_chroms=list(valid_chroms),
                    test_chroms=list(test_chroms), include=include, exclude=exclude,
                    records_per_shard=records_per_shard)

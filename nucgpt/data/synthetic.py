@@ -105,17 +105,20 @@ def _block(rng: np.random.Generator, size: int, families, at_chrom_start: bool) 
 def chromosome_sizes(bp: int, num_chroms: int) -> list[int]:
     """Decreasing sizes (like real karyotypes) that sum to bp."""
     weights = 1.0 / (1.0 + 0.3 * np.arange(num_chroms))
-    sizes = np.floor(bp * weights / weights.sum()).astype(int)
+    sizes = np.maximum(np.floor(bp * weights / weights.sum()).astype(int), 1)  # no empty chromosome
     sizes[0] += bp - sizes.sum()
     return sizes.tolist()
 
 
-def write_genome(path: str | os.PathLike, *, bp: int, seed: int, num_chroms: int = 4) -> None:
+def write_genome(path: str | os.PathLike, *, bp: int, seed: int, num_chroms: int = 4, overwrite: bool = False) -> None:
     """Writes the genome as FASTA, gzip-compressed when `path` ends in .gz; same arguments, same bytes.
-    Written beside `path` and renamed over it, so an interrupted run leaves no partial genome."""
+    Written beside `path` and renamed over it, so an interrupted run leaves no partial genome; an
+    existing file is replaced only with `overwrite` (it may be a real genome)."""
     if bp < num_chroms or num_chroms <= 0:
         raise UserError(f"synthetic genome: need bp >= num_chroms > 0, got bp={bp}, num_chroms={num_chroms}")
     path = os.fspath(path)
+    if os.path.exists(path) and not overwrite:
+        raise UserError(f"--out {path} already exists; choose a new file or pass --overwrite")
     check_can_create(path, "--out", folder=False)
     rng = np.random.default_rng(seed)
     families = _families(rng)
@@ -148,6 +151,7 @@ def _define_flags() -> None:
     flags.DEFINE_integer("bp", 3_000_000, "Genome size in bp.")
     flags.DEFINE_integer("seed", 0, "Random seed.")
     flags.DEFINE_integer("num_chroms", 4, "Number of chromosomes.")
+    flags.DEFINE_bool("overwrite", False, "Replace an existing --out file.")
 
 
 @exits_cleanly_on_user_error
@@ -156,7 +160,7 @@ def main(argv: Sequence[str]) -> None:
         raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS.out:
         raise UserError("--out is required")
-    write_genome(FLAGS.out, bp=FLAGS.bp, seed=FLAGS.seed, num_chroms=FLAGS.num_chroms)
+    write_genome(FLAGS.out, bp=FLAGS.bp, seed=FLAGS.seed, num_chroms=FLAGS.num_chroms, overwrite=FLAGS.overwrite)
 
 
 def run() -> None:

@@ -47,7 +47,7 @@ class PretrainTask(Task):
         fasta = os.path.join(genome_dir, f"synthetic_{config.data.synthetic_bp}bp_seed{config.data.synthetic_seed}.fa")
         start = time.perf_counter()
         print(f"generating a synthetic genome of {config.data.synthetic_bp / 1e6:.1f} Mbp → {config.data.path}", flush=True)
-        synthetic.write_genome(fasta, bp=config.data.synthetic_bp, seed=config.data.synthetic_seed)
+        synthetic.write_genome(fasta, bp=config.data.synthetic_bp, seed=config.data.synthetic_seed, overwrite=True)
         prepare.prepare(
             [fasta],
             config.data.path,
