@@ -1,7 +1,9 @@
 """User errors: bad input is reported as one line and a non-zero exit, never a traceback."""
 
 import functools
+import os
 import re
+import signal
 import sys
 from typing import Callable, TypeVar
 
@@ -18,7 +20,8 @@ class UserError(Exception):
 
 def exits_cleanly_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
     """Wraps an absl `main`: a UserError prints `error: <message>` on stderr and exits 2; so does an
-    OSError about a named file (a full disk, a path that vanished): the file and the reason, one line."""
+    OSError about a named file (a full disk, a path that vanished): the file and the reason, one line.
+    Output piped into a reader that stops early (`| head`) ends the program quietly, exit 141."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -26,6 +29,9 @@ def exits_cleanly_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
             return main(*args, **kwargs)
         except UserError as e:
             message = str(e)
+        except BrokenPipeError:  # stdout piped into `head`: stop quietly, as a Unix tool would
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail too
+            sys.exit(128 + signal.SIGPIPE)
         except OSError as e:
             if e.filename is None:
                 raise

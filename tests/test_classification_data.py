@@ -1,5 +1,7 @@
 """Readers for both layouts, the seeded stratified split and length-bucketed batches."""
 
+import gzip
+
 import numpy as np
 import pytest
 
@@ -122,3 +124,26 @@ def test_a_table_too_small_for_a_test_split_is_refused_before_training(tmp_path)
     (tmp_path / "tiny.csv").write_text("sequence,label\nACGT,0\nACGA,abc\n")
     with pytest.raises(UserError, match=r"tiny.csv: too few rows to hold out a test split .*'0': 1, 'abc': 1"):
         cd.load(str(tmp_path / "tiny.csv"), 0.2, 0)
+
+
+def test_table_forms_users_have_and_their_errors(tmp_path):
+    rows = "ACGTAC\t1\nGGGTTT\t0\nACGTTT\t1\nGGGAAA\t0\n"
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbfsequence,label\n" + rows.replace("\t", ",").encode())  # Excel
+    (tmp_path / "t.tsv.gz").write_bytes(gzip.compress(("seq\tlabel\n" + rows).encode()))
+    for name in ("bom.csv", "t.tsv.gz"):
+        assert cd.read_table(tmp_path / name) == (["ACGTAC", "GGGTTT", "ACGTTT", "GGGAAA"], ["1", "0", "1", "0"])
+    (tmp_path / "latin.csv").write_bytes(b"sequence,label\nACGT,\xe9\n")
+    (tmp_path / "blank_lines.csv").write_text("sequence,label\n\nACGT,0\n\nACXC,1\n")
+    (tmp_path / "empty_label.csv").write_text("sequence,label\nACGT,0\nACGA,\n")
+    for name, message in [("latin.csv", "not UTF-8 text"), ("blank_lines.csv", r"blank_lines.csv:5: sequence has"),
+                          ("empty_label.csv", r"empty_label.csv:3: empty label")]:
+        with pytest.raises(UserError, match=message):
+            cd.read_table(tmp_path / name)
+
+
+def test_hidden_folders_are_not_classes(tmp_path):
+    for split in ("train", "test"):
+        for label in ("negative", "positive", ".ipynb_checkpoints"):
+            (tmp_path / split / label).mkdir(parents=True)
+            (tmp_path / split / label / "0.txt").write_text("ACGT")
+    assert cd.load(str(tmp_path), 0.2, 0).class_names == ("negative", "positive")

@@ -1,6 +1,7 @@
 import gzip
 import json
 import os
+import bz2
 import random
 import re
 import shutil
@@ -106,6 +107,9 @@ def test_multi_member_gzip_like_bgzip(genome_files, tmp_path):
     prepare([tmp_path / "multi.fa.gz"], tmp_path / "multi", window=3000, progress=False)
     prepare([genome_files[1]], tmp_path / "plain", window=3000, progress=False)
     assert all_records(tmp_path / "multi") == all_records(tmp_path / "plain")
+    (tmp_path / "padded.fa.gz").write_bytes(gzip.compress(text) + bytes(5000))  # zero padding, as gzip tolerates
+    prepare([tmp_path / "padded.fa.gz"], tmp_path / "padded", window=3000, progress=False)
+    assert all_records(tmp_path / "padded") == all_records(tmp_path / "plain")
 
 
 def test_include_exclude_default_drops_alt_random_un_and_chrM(tmp_path):
@@ -130,6 +134,15 @@ def test_csv_bins_input_plain_and_gzip(tmp_path):
     (tmp_path / "bad.csv").write_bytes(text + "chr3,0,4,AC\xe9T\n".encode("latin-1"))
     with pytest.raises(UserError, match=r"bad\.csv:5: invalid character 'é'"):
         prepare([], tmp_path / "x", csv_paths=[tmp_path / "bad.csv"], progress=False)
+    (tmp_path / "excel.csv").write_bytes(b"\xef\xbb\xbf" + text + b"chr3,0,200000," + b"A" * 200_000 + b"\n")
+    prepare([], tmp_path / "excel", csv_paths=[tmp_path / "excel.csv"], progress=False)
+    recs = all_records(tmp_path / "excel")
+    assert [(c, s, len(q)) for c, s, q in recs["train"]][-1] == ("chr3", 0, 200_000)  # byte-order mark, a long field
+    for row, message in [("chr3,-5,4,ACGT", r"bad\.csv:5: Start -5 is outside 0\.\.2\^64-1"),
+                         ("chr3,0,4,", r"bad\.csv:5: empty Sequence")]:
+        (tmp_path / "bad.csv").write_bytes(text + row.encode() + b"\n")
+        with pytest.raises(UserError, match=message):
+            prepare([], tmp_path / "x", csv_paths=[tmp_path / "bad.csv"], progress=False)
 
 
 def _leftovers(parent) -> list[str]:
@@ -140,7 +153,9 @@ def _leftovers(parent) -> list[str]:
     "content,kwargs,message",
     [
         (b"", {}, "empty file"),
-        (b"ACGT\nACGT\n", {}, r"bad\.fa:1: sequence before the first '>' header"),
+        (b"ACGT\nACGT\n", {}, r"bad\.fa:1: text before the first '>' header \(not a FASTA file\?\)"),
+        (b"\n\nChrom,Start\n>chr1\nACGT\n", {}, r"bad\.fa:3: text before the first '>' header"),
+        (bz2.compress(b">chr1\nACGT\n"), {}, r"bad\.fa: bzip2-compressed; only gzip \(or bgzip\) is read"),
         (b">chr1\nACGT\nAC-T\n", {}, r"bad\.fa:3: invalid character '-'"),
         (b">chr1\nAC>T\n", {}, r"bad\.fa:2: invalid character '>'"),
         (gzip.compress(b">chr1\n" + b"ACGT\n" * 100_000 + b"ACxT\n"), {}, r"bad\.fa:100002: invalid character 'x'"),
@@ -215,6 +230,27 @@ def test_cli_prepare_inspect_and_clean_error(genome_files, tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.strip() == "error: --window must be positive, got -5"
     assert not (tmp_path / "x").exists()
+    # piped into a reader that stops early (`| head -1`): a quiet exit 141, no BrokenPipeError traceback
+    piped = subprocess.Popen([sys.executable, "-m", "nucgpt.data.inspect", str(out), "--dump=100000"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    piped.stdout.readline()
+    piped.stdout.close()
+    assert piped.wait() == 141 and piped.stderr.read() == b""
+
+
+def test_damaged_dataset_is_one_line(genome_files, tmp_path):
+    prepare([genome_files[1]], tmp_path / "d", window=5000, progress=False)
+    manifest = (tmp_path / "d" / "manifest.json").read_text()
+    (tmp_path / "d" / "manifest.json").write_text(manifest[:-40])
+    with pytest.raises(UserError, match=r"manifest.json: damaged manifest, not JSON"):
+        records.read_manifest(tmp_path / "d")
+    (tmp_path / "d" / "manifest.json").write_text('{"format_version": 1, "splits": {}}')
+    with pytest.raises(UserError, match=r"damaged manifest, no sources, options, chromosomes"):
+        records.read_manifest(tmp_path / "d")
+    (tmp_path / "d" / "manifest.json").write_text(manifest)
+    (tmp_path / "d" / "train" / "train-00000.array_record").unlink()
+    with pytest.raises(UserError, match=r"shard train/train-00000.array_record listed in manifest.json is missing"):
+        records.read_manifest(tmp_path / "d")
 
 
 def test_real_genomes_round_trip(shared_data, tmp_path):

@@ -11,8 +11,10 @@ would have seen, and every process can cut its own rows out of the same global b
 
 import csv
 import dataclasses
+import gzip
 import pathlib
 import re
+import zlib
 
 import numpy as np
 
@@ -53,7 +55,7 @@ def load(path: str, test_fraction: float, split_seed: int) -> ClassificationData
     if root.is_dir():
         return _read_benchmark_folder(root)
     sequences, label_texts = read_table(root)
-    class_names, labels_N = _label_ids(label_texts)
+    class_names, labels_N = _label_ids(label_texts, root)
     everything = LabelledSequences(tuple(sequences), labels_N)
     train_N, test_N = stratified_split(labels_N, test_fraction, split_seed)
     if len(test_N) == 0:
@@ -71,8 +73,7 @@ def _read_benchmark_folder(root: pathlib.Path) -> ClassificationData:
     splits = {name: root / name for name in ("train", "test")}
     if not all(p.is_dir() for p in splits.values()):
         raise UserError(f"{root} is not a Genomic Benchmarks dataset folder: it needs train/ and test/ subfolders")
-    class_names = tuple(sorted(p.name for p in splits["train"].iterdir() if p.is_dir()))
-    test_classes = tuple(sorted(p.name for p in splits["test"].iterdir() if p.is_dir()))
+    class_names, test_classes = (_class_folders(splits[name]) for name in ("train", "test"))
     if not class_names:
         raise UserError(f"{splits['train']} has no class subfolders")
     if test_classes != class_names:
@@ -90,24 +91,42 @@ def _read_benchmark_folder(root: pathlib.Path) -> ClassificationData:
     return ClassificationData(read["train"], read["test"], class_names, {"kind": "given"})
 
 
+def _class_folders(split: pathlib.Path) -> tuple[str, ...]:
+    """Subfolder names, sorted; hidden ones (.ipynb_checkpoints, .DS_Store folders) are not classes."""
+    return tuple(sorted(p.name for p in split.iterdir() if p.is_dir() and not p.name.startswith(".")))
+
+
 def read_table(path: pathlib.Path) -> tuple[list[str], list[str]]:
-    """Sequence and label columns of a CSV/TSV; the header, if any, names them."""
-    text = path.read_text()
+    """Sequence and label columns of a CSV/TSV (plain or gzip, UTF-8 with or without a byte-order
+    mark); the header, if any, names them. Errors name the file's own line numbers."""
+    data = path.read_bytes()
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as e:
+            raise UserError(f"{path}: corrupt gzip data ({e})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); expected a CSV/TSV table") from None
     first_line = text.split("\n", 1)[0]
-    delimiter = "\t" if path.suffix.lower() == ".tsv" or "\t" in first_line else ","
-    rows = [row for row in csv.reader(text.splitlines(), delimiter=delimiter) if row]
-    if not rows:
+    is_tsv = path.name.lower().removesuffix(".gz").endswith(".tsv")
+    delimiter = "\t" if is_tsv or "\t" in first_line else ","
+    numbered = [(n, row) for n, row in enumerate(csv.reader(text.splitlines(), delimiter=delimiter), start=1) if row]
+    if not numbered:
         raise UserError(f"{path} is empty")
-    sequence_column, label_column, has_header = _columns(rows, path)
-    body = rows[1:] if has_header else rows
+    sequence_column, label_column, has_header = _columns([row for _, row in numbered[:1]], path)
+    body = numbered[1:] if has_header else numbered
     if not body:
         raise UserError(f"{path} has a header but no rows")
     sequences, labels = [], []
-    for line_number, row in enumerate(body, start=2 if has_header else 1):
+    for line_number, row in body:
         if len(row) <= max(sequence_column, label_column):
             raise UserError(f"{path}:{line_number}: expected at least {max(sequence_column, label_column) + 1} columns, got {len(row)}")
         sequences.append(_checked_sequence(row[sequence_column].strip(), f"{path}:{line_number}"))
         labels.append(row[label_column].strip())
+        if not labels[-1]:
+            raise UserError(f"{path}:{line_number}: empty label")
     return sequences, labels
 
 
@@ -138,13 +157,13 @@ def _checked_sequence(sequence: str, where: str) -> str:
     return sequence
 
 
-def _label_ids(label_texts: list[str]) -> tuple[tuple[str, ...], np.ndarray]:
+def _label_ids(label_texts: list[str], path: pathlib.Path) -> tuple[tuple[str, ...], np.ndarray]:
     """Sorted class names → ids; integer labels sort numerically so 0/1/2 keep their ids."""
     unique = set(label_texts)
     integer_labels = all(_INTEGER.match(t) for t in unique)
     class_names = tuple(sorted(unique, key=int if integer_labels else str))
     if len(class_names) < 2:
-        raise UserError(f"classification needs at least two classes; found {list(class_names)}")
+        raise UserError(f"{path}: classification needs at least two classes; found {list(class_names)}")
     index = {name: i for i, name in enumerate(class_names)}
     return class_names, np.asarray([index[t] for t in label_texts], np.int32)
 

@@ -19,12 +19,14 @@ import threading
 import zlib
 from typing import Iterator
 
+from nucgpt.data.records import MAX_START
 from nucgpt.errors import UserError
 
 IUPAC_CODES = b"RYKMSWBDHV"
 _BLOCK_BYTES = 1 << 22  # compressed bytes per read: big blocks keep zlib and translate efficient
 _GZIP_MAGIC = b"\x1f\x8b"
 _DROPPED = b"\r\n \t"
+_OTHER_COMPRESSION = ((b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"), (b"PK\x03\x04", "zip"))
 
 
 def _normalising_table() -> bytes:
@@ -56,7 +58,11 @@ def decompressed_blocks(path: str | os.PathLike, digest=None) -> Iterator[bytes]
     `digest` (a hashlib object) is fed the file's raw bytes, so hashing costs no second read.
     """
     with open(path, "rb") as f:
-        is_gzip = f.read(2) == _GZIP_MAGIC
+        head = f.read(6)
+        is_gzip = head.startswith(_GZIP_MAGIC)
+        for magic, name in _OTHER_COMPRESSION:
+            if head.startswith(magic):
+                raise UserError(f"{path}: {name}-compressed; only gzip (or bgzip) is read: decompress it first")
         f.seek(0)
         if not is_gzip:
             yield from _read_blocks(f, _BLOCK_BYTES * 4, digest)
@@ -65,6 +71,8 @@ def decompressed_blocks(path: str | os.PathLike, digest=None) -> Iterator[bytes]
         try:
             for raw in _read_blocks(f, _BLOCK_BYTES, digest):
                 while raw:
+                    if inflater is None and not raw.strip(b"\0"):
+                        break  # zero padding after the last member (tape/block-device copies); gzip ignores it too
                     inflater = inflater or zlib.decompressobj(wbits=31)
                     if out := inflater.decompress(raw):
                         yield out
@@ -193,14 +201,14 @@ def read_fasta(path: str | os.PathLike, stats: SequenceStats) -> Iterator[tuple[
                 continue
             end = block.find(b">", pos)
             end = len(block) if end < 0 else end
+            if not seen_header and (text := block[pos:end].lstrip()):
+                line = _line_at(path, block_offset + end - len(text))
+                raise UserError(f"{path}:{line}: text before the first '>' header (not a FASTA file?)")
             try:
                 bases = _normalise(block[pos:end], stats)
             except _InvalidByte as e:
                 raise UserError(_invalid_message(path, _line_at(path, block_offset + pos + e.index), e.char)) from None
             if bases:
-                if not seen_header:
-                    raise UserError(f"{path}:{_line_at(path, block_offset + pos)}: sequence before the first "
-                                    "'>' header (not a FASTA file?)")
                 yield chrom, bases
             pos = end
         at_line_start = block.endswith(b"\n") or bool(carry)
@@ -222,11 +230,14 @@ def read_csv_bins(path: str | os.PathLike, stats: SequenceStats) -> Iterator[tup
     blocks = _BlockStream(decompressed_blocks(path, stats.sha256))
     # latin-1 maps every byte to one character, so a bad byte reaches _normalise and is reported with its line.
     text = io.TextIOWrapper(io.BufferedReader(blocks), encoding="latin-1", newline="")
+    csv.field_size_limit(2**31 - 1)  # one row holds a whole bin's sequence
     rows = csv.reader(text)
     header = next(rows, None)
     if header is None:
         raise UserError(f"{path}: empty file")
     columns = [c.strip().lower() for c in header]
+    if columns:
+        columns[0] = columns[0].removeprefix("\xef\xbb\xbf")  # a UTF-8 byte-order mark, seen through latin-1
     missing = [c for c in ("chrom", "start", "sequence") if c not in columns]
     if missing:
         raise UserError(f"{path}:1: CSV header lacks column(s) {', '.join(missing)} (want Chrom,Start,End,Sequence)")
@@ -239,10 +250,14 @@ def read_csv_bins(path: str | os.PathLike, stats: SequenceStats) -> Iterator[tup
             chrom, start, seq = row[chrom_col], int(row[start_col]), row[seq_col]
         except (IndexError, ValueError):
             raise UserError(f"{path}:{line}: malformed CSV row (want Chrom,Start,End,Sequence)") from None
+        if not 0 <= start <= MAX_START:
+            raise UserError(f"{path}:{line}: Start {start} is outside 0..2^64-1")
         try:
             bases = _normalise(seq.encode("latin-1"), stats)
         except _InvalidByte as e:
             raise UserError(_invalid_message(path, line, e.char)) from None
+        if not bases:
+            raise UserError(f"{path}:{line}: empty Sequence")
         yield chrom, start, bases
 
 

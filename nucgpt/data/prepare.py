@@ -104,6 +104,7 @@ class _Progress:
 
     def __init__(self, enabled: bool):
         self._enabled = enabled
+        self._drawn = False  # a bar line is on screen without its newline
         self._t0 = self._last = time.monotonic()
 
     def update(self, bp: int, num_records: int, force: bool = False) -> None:
@@ -113,11 +114,17 @@ class _Progress:
             rate = bp / max(now - self._t0, 1e-9) / 1e6
             sys.stderr.write(f"\r  {bp / 1e6:10.1f} Mbp read  {rate:7.1f} Mbp/s  {num_records:>10,} records")
             sys.stderr.flush()
+            self._drawn = True
 
     def done(self, bp: int, num_records: int) -> None:
-        if self._enabled:
-            self.update(bp, num_records, force=True)
+        self.update(bp, num_records, force=True)
+        self.end_line()
+
+    def end_line(self) -> None:
+        """Ends the bar's line, so what follows (an error message too) starts on a line of its own."""
+        if self._drawn:
             sys.stderr.write("\n")
+            self._drawn = False
 
     def seconds(self) -> float:
         return time.monotonic() - self._t0
@@ -135,6 +142,10 @@ def _check_options(inputs: Sequence[str], window: int, stride: int, max_n: int, 
     if not inputs:
         raise UserError("no input: give --fasta and/or --csv files")
     for path in inputs:
+        if not path:
+            raise UserError("--fasta/--csv: an empty file name in the list (a stray comma?)")
+        if os.path.isdir(path):
+            raise UserError(f"{path}: is a folder; give the FASTA or CSV files in it")
         if not os.path.isfile(path):
             raise UserError(f"{path}: no such file")
     if window <= 0:
@@ -219,6 +230,7 @@ def prepare(
             json.dump(manifest, f, indent=1)
         replace_folder(tmp_dir, out_dir)
     except BaseException:
+        bar.end_line()
         sink.close()
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
@@ -248,6 +260,9 @@ class _Sink:
         """The chromosome's split (None = excluded); a name may appear once in all inputs."""
         if chrom in self.chromosomes:
             raise UserError(f"{path}: chromosome {chrom!r} appears twice in the input")
+        if len(chrom.encode("utf-8")) > records.MAX_CHROM_BYTES:
+            raise UserError(f"{path}: chromosome name {chrom[:40]!r}… is {len(chrom.encode('utf-8')):,} bytes long; "
+                            f"names up to {records.MAX_CHROM_BYTES:,} bytes are supported")
         split = self._split_of_chrom(chrom)
         self.chromosomes[chrom] = dict(bp=0, split=split or "excluded", file=path)
         return split

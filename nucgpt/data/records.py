@@ -26,6 +26,8 @@ from nucgpt.errors import UserError
 FORMAT_VERSION = 1
 WRITER_OPTIONS = "group_size:1,zstd:1"
 _START = struct.Struct("<Q")
+MAX_CHROM_BYTES = 0xFFFF  # the uint16 length
+MAX_START = 2**64 - 1
 
 
 def encode_record(chrom: str, start: int, sequence: bytes | bytearray) -> bytes:
@@ -50,11 +52,21 @@ def read_manifest(path: str | os.PathLike) -> dict:
     file = os.path.join(os.fspath(path), "manifest.json")
     if not os.path.isfile(file):
         raise UserError(f"{path}: no manifest.json (not a prepared dataset; create one with nucgpt-prepare)")
-    with open(file) as f:
-        manifest = json.load(f)
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{file}: format_version {manifest.get('format_version')!r}, this nucgpt reads "
-                        f"{FORMAT_VERSION}; prepare the dataset again")
+    try:
+        with open(file, "rb") as f:
+            manifest = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{file}: damaged manifest, not JSON ({e}); prepare the dataset again") from None
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        found = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise UserError(f"{file}: format_version {found!r}, this nucgpt reads {FORMAT_VERSION}; prepare the dataset again")
+    missing = [key for key in ("sources", "options", "splits", "chromosomes") if key not in manifest]
+    if missing:
+        raise UserError(f"{file}: damaged manifest, no {', '.join(missing)}; prepare the dataset again")
+    for split in manifest["splits"].values():
+        for shard in split.get("shards", ()):
+            if not os.path.isfile(os.path.join(os.fspath(path), shard)):
+                raise UserError(f"{path}: shard {shard} listed in manifest.json is missing (copy the whole folder)")
     return manifest
 
 
