@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import re
 import time
@@ -31,7 +32,7 @@ from ml_collections import ConfigDict
 from nucgpt import pretrained, sharding
 from nucgpt.data.fasta import read_records
 from nucgpt.errors import UserError, exits_cleanly_on_user_error, parse_flags, start_main
-from nucgpt.files import atomic_file
+from nucgpt.files import atomic_file, check_can_create
 from nucgpt.model import Transformer
 from nucgpt.tokenizers import KMER_UNK_ID, PAD_ID, Tokenizer, get_tokenizer
 
@@ -66,10 +67,12 @@ def check_prompt(prompt: str) -> None:
 def read_prompt_fasta(path: str) -> str:
     """The sequence of the single record in FASTA file `path` (IUPAC codes read as N)."""
     if not os.path.isfile(path):
-        raise UserError(f"--prompt_fasta {path}: no such file")
+        raise UserError(f"--prompt_fasta {path}: {'is a folder' if os.path.isdir(path) else 'no such file'}")
     records = list(read_records(path))
     if len(records) != 1:
         raise UserError(f"--prompt_fasta {path}: holds {len(records)} records; give a file with one (the prompt)")
+    if not records[0][1]:
+        raise UserError(f"--prompt_fasta {path}: record {records[0][0]!r} has no bases")
     return records[0][1].decode("ascii")
 
 
@@ -195,15 +198,13 @@ def _check_flags() -> None:
         raise UserError(f"--num_bases must be a positive integer, got {_NUM_BASES.value}")
     if _NUM_SAMPLES.value < 1:
         raise UserError(f"--num_samples must be a positive integer, got {_NUM_SAMPLES.value}")
-    if _TEMPERATURE.value < 0:
-        raise UserError(f"--temperature must be 0 (greedy) or positive, got {_TEMPERATURE.value}")
+    if not (math.isfinite(_TEMPERATURE.value) and _TEMPERATURE.value >= 0):
+        raise UserError(f"--temperature must be 0 (greedy) or a positive number, got {_TEMPERATURE.value}")
     if _TOP_K.value < 0:
         raise UserError(f"--top_k must be 0 (no truncation) or positive, got {_TOP_K.value}")
     if not _OUTPUT.value:
         raise UserError("--output is required (a FASTA file to write)")
-    directory = os.path.dirname(os.path.abspath(_OUTPUT.value))
-    if not os.path.isdir(directory):
-        raise UserError(f"--output {_OUTPUT.value}: the folder {directory} does not exist")
+    check_can_create(_OUTPUT.value, "--output", folder=False)
 
 
 @exits_cleanly_on_user_error

@@ -29,7 +29,11 @@ def load_transformer(step_dir: epath.Path, model_config: ConfigDict) -> Transfor
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(0))))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nnx.to_pure_dict(state))
-    nnx.replace_by_pure_dict(state, checkpoint.restore_params(step_dir, target))
+    try:
+        params = checkpoint.restore_params(step_dir, target)
+    except (OSError, ValueError) as e:  # a damaged or partly copied params/ folder
+        raise UserError(f"--checkpoint {step_dir}: unreadable parameters ({type(e).__name__}: {str(e)[:200]})") from None
+    nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
 
 

@@ -23,11 +23,11 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import os
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from typing import Sequence
 
@@ -98,8 +98,10 @@ def check(options: Options) -> tuple[ConfigDict, epath.Path]:
                         "devices each batch is split over (--devices)")
     if options.k >= options.latents:
         raise UserError(f"--k={options.k} must be smaller than --latents={options.latents}")
-    if not options.learning_rate > 0:
-        raise UserError(f"--learning_rate={options.learning_rate} must be positive")
+    if not (math.isfinite(options.learning_rate) and options.learning_rate > 0):
+        raise UserError(f"--learning_rate={options.learning_rate} must be a positive number")
+    if options.dead_tokens > np.iinfo(np.int32).max:  # the dead-latent counters are int32
+        raise UserError(f"--dead_tokens={options.dead_tokens} must be at most {np.iinfo(np.int32).max:,}")
     check_replaceable(options.output, "--output", overwrite=options.overwrite, marker="sae.json",
                       what="an SAE output folder")
     check_can_create(options.output, "--output", folder=True)
@@ -124,7 +126,7 @@ def _devices(options: Options) -> list[jax.Device]:
 def load_model(config: ConfigDict, step_dir: epath.Path) -> tuple[nnx.GraphDef, dict]:
     """The Transformer's graph and its pretrained params on one device (no random init is run);
     `run_sae` replicates them over its devices."""
-    graphdef, state = nnx.split(pretrained.load_transformer(step_dir, config.model))
+    graphdef, state = nnx.split(pretrained.load_for_inference(step_dir, config))
     return graphdef, nnx.to_pure_dict(state)
 
 
@@ -505,7 +507,9 @@ def write_output(output: str, params: dict, meta: dict, features: list[dict], te
     """Writes into a hidden sibling folder, then renames it to `output` (an old one goes only after that)."""
     output = os.path.abspath(output)
     os.makedirs(os.path.dirname(output), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-", dir=os.path.dirname(output))
+    tmp = os.path.join(os.path.dirname(output), f".{os.path.basename(output)}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)  # the umask's mode, as every other output (mkdtemp's would be private, 0700)
     try:
         np.savez(os.path.join(tmp, "params.npz"), **{k: np.asarray(v) for k, v in params.items()})
         with open(os.path.join(tmp, "sae.json"), "w") as f:

@@ -58,7 +58,7 @@ class Record:
 def read_records(path: str) -> Iterator[Record]:
     """Each FASTA record, whole, in file order (IUPAC codes read as N)."""
     if not os.path.isfile(path):
-        raise UserError(f"--fasta {path}: no such file")
+        raise UserError(f"--fasta {path}: {'is a folder' if os.path.isdir(path) else 'no such file'}")
     return (Record(name, bases) for name, bases in fasta_io.read_records(path))
 
 
@@ -68,7 +68,8 @@ def tokenize(record: Record, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarr
         raise UserError(f"record {record.name!r}: no bases")
     ids, repeat, valid = tokenizer.encode(record.sequence)
     if len(ids) < 2:
-        raise UserError(f"record {record.name!r}: {len(record.sequence)} bp is one token; scoring needs two (one to predict)")
+        raise UserError(f"record {record.name!r}: {len(record.sequence)} bp is {len(ids)} token(s) of "
+                        f"{tokenizer.name}; scoring needs two (one to predict)")
     return ids, repeat, valid
 
 
@@ -225,6 +226,8 @@ def score_fasta(checkpoint: str, fasta: str, output: str, batch_size: int = 8, s
     check_can_create(output, "--output", folder=False)
     if per_token:
         check_can_create(per_token, "--per_token", folder=False)
+        if os.path.abspath(per_token) == os.path.abspath(output):
+            raise UserError(f"--per_token {per_token} is also --output; give two files")
     step_dir, config = pretrained.pretraining_checkpoint(checkpoint, "--checkpoint", "scoring")
     tokenizer = get_tokenizer(config.data.tokenizer, pad_multiple=1)
     records = list(read_records(fasta))
@@ -232,7 +235,10 @@ def score_fasta(checkpoint: str, fasta: str, output: str, batch_size: int = 8, s
         raise UserError(f"--fasta {fasta}: no records")
     if stride > config.train.seq_len:
         raise UserError(f"--stride {stride}: at most the context, train.seq_len = {config.train.seq_len} tokens")
-    tokenized = [tokenize(r, tokenizer) for r in records]  # all checked before the model loads
+    try:
+        tokenized = [tokenize(r, tokenizer) for r in records]  # all checked before the model loads
+    except UserError as e:
+        raise UserError(f"--fasta {fasta}: {e}") from None
     graphdef, state = nnx.split(pretrained.load_for_inference(step_dir, config))
     start = time.perf_counter()
     rows = score_records(records, tokenized, graphdef, nnx.to_pure_dict(state), config.train.seq_len,

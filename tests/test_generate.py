@@ -240,6 +240,8 @@ def test_cli_writes_one_record_per_sample(tmp_path, capsys, checkpoint_dir):
     [
         (["--prompt=ACGTxA"], r"error: prompt: invalid character 'x' at position 5 "),
         (["--prompt="], r"error: the prompt is empty"),
+        (["--prompt=ACGT", "--temperature=inf"], r"error: --temperature must be 0 \(greedy\) or a positive number, got inf"),
+        (["--prompt=ACGT", "--temperature=nan"], r"error: --temperature must be 0 \(greedy\) or a positive number, got nan"),
         (["--prompt=ACGT", "--num_bases=61"], r"error: prompt \(4 bp\) \+ --num_bases \(61\) = 65 bp exceeds the model's trained context of 64 bp"),
     ],
 )
@@ -287,6 +289,11 @@ def test_a_prompt_fasta_holds_one_record(tmp_path):
         generate.read_prompt_fasta(str(path))
     with pytest.raises(UserError, match="no such file"):
         generate.read_prompt_fasta(str(tmp_path / "missing.fa"))
+    with pytest.raises(UserError, match="is a folder"):
+        generate.read_prompt_fasta(str(tmp_path))
+    path.write_text(">empty\n")
+    with pytest.raises(UserError, match=r"prompt.fa: record 'empty' has no bases"):
+        generate.read_prompt_fasta(str(path))
 
 
 def test_generation_benchmark_times_whole_sampling_calls():

@@ -298,6 +298,8 @@ def _classify_checkpoint(tmp_path):
     (dict(output="EXISTING"), r"already exists; choose a new folder or pass --overwrite"),
     (dict(output="EXISTING", overwrite=True), r"not an SAE output folder \(no sae.json\); --overwrite replaces only"),
     (dict(devices=9), r"--devices=9: choose 1 to 8 \(the local devices\), or 0 for all"),
+    (dict(learning_rate=float("inf")), r"--learning_rate=inf must be a positive number"),
+    (dict(dead_tokens=3_000_000_000), r"--dead_tokens=3000000000 must be at most 2,147,483,647"),
     (dict(devices=3), r"--batch_windows=8 must be a multiple of the 3 devices each batch is split over"),
 ])
 def test_bad_options_are_user_errors(pretrained, tmp_path, change, message):
@@ -327,6 +329,12 @@ def test_output_appears_whole_or_not_at_all(tmp_path, monkeypatch):
     monkeypatch.undo()
     sae_train.write_output(str(out), params, {"v": 2}, [{"latent": 0}], "new\n")
     assert os.listdir(tmp_path) == ["sae"] and json.loads((out / "sae.json").read_text()) == {"v": 2}
+    umask = os.umask(0o022)
+    try:
+        sae_train.write_output(str(tmp_path / "shared"), params, {"v": 3}, [], "\n")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "shared").stat().st_mode & 0o777 == 0o755  # readable by others, as every other output
 
 
 @pytest.mark.parametrize("tokenizer", ["kmer6_nonoverlap", "kmer6_overlap"])

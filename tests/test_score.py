@@ -1,6 +1,7 @@
 """Scoring: each record's log-likelihood is the model's own loss on it, however records are batched."""
 
 import math
+import shutil
 
 import jax
 import numpy as np
@@ -71,8 +72,10 @@ def test_scores_match_the_unpadded_forward_pass_in_any_batching(model, monkeypat
 
 
 def test_a_record_of_one_token_is_refused():
-    with pytest.raises(score.UserError, match="is one token"):
+    with pytest.raises(score.UserError, match=r"1 bp is 1 token\(s\) of nucleotide; scoring needs two"):
         score.tokenize(score.Record("one", b"A"), get_tokenizer("nucleotide"))
+    with pytest.raises(score.UserError, match=r"5 bp is 0 token\(s\) of kmer6_overlap"):
+        score.tokenize(score.Record("short", b"ACGTA"), get_tokenizer("kmer6_overlap", pad_multiple=1))
 
 
 def test_windows_score_every_target_once_with_the_promised_context():
@@ -143,7 +146,7 @@ def test_writes_one_row_per_record(tmp_path, capsys, checkpoint, model):
 @pytest.mark.parametrize(
     "fasta_text, message",
     [
-        (">a\n>b\nACGT\n", r"record 'a': no bases"),
+        (">a\n>b\nACGT\n", r"--fasta .*in.fa: record 'a': no bases"),
         ("", r".*in.fa: empty file"),
         (">a\nACGTXA\n", r".*in.fa:2: invalid character 'X'"),
     ],
@@ -166,6 +169,28 @@ def test_cli_error_is_one_line_exit_2(tmp_path):
                              "--output", str(tmp_path / "o.tsv")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.startswith("error: --checkpoint: no checkpoint found"), result.stderr
     assert result.stderr.count("\n") == 1 and not list(tmp_path.iterdir())
+
+
+def test_per_token_output_must_be_another_file(tmp_path, checkpoint):
+    fasta = tmp_path / "in.fa"
+    fasta.write_text(">a\nACGTACGT\n")
+    with pytest.raises(score.UserError, match=r"--per_token .*same.tsv is also --output; give two files"):
+        score.score_fasta(str(checkpoint), str(fasta), str(tmp_path / "same.tsv"), per_token=str(tmp_path / "same.tsv"))
+    with pytest.raises(score.UserError, match=r"--fasta .*: is a folder"):
+        score.score_fasta(str(checkpoint), str(tmp_path), str(tmp_path / "o.tsv"))
+
+
+def test_a_damaged_checkpoint_is_one_user_error(tmp_path, checkpoint):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(checkpoint, damaged)
+    for params in damaged.glob("**/params"):  # a partial copy: the arrays are gone, the metadata is not
+        for path in params.iterdir():
+            if path.name not in ("_METADATA", "commit_success.txt"):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    (tmp_path / "in.fa").write_text(">a\nACGTACGT\n")
+    with pytest.raises(score.UserError, match=r"--checkpoint .*: unreadable parameters"):
+        score.score_fasta(str(damaged), str(tmp_path / "in.fa"), str(tmp_path / "o.tsv"))
+    assert not (tmp_path / "o.tsv").exists()
 
 
 def test_an_existing_output_is_replaced(tmp_path, checkpoint):
