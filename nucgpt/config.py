@@ -5,10 +5,12 @@
 so divisibility is checked against the real device count.
 """
 
+import math
 from typing import Mapping
 
 from ml_collections import ConfigDict
 
+from nucgpt import sharding
 from nucgpt.errors import UserError
 from nucgpt.model import attention
 from nucgpt.tokenizers import get_tokenizer
@@ -26,6 +28,7 @@ POSITIVE = (
     "train.steps", "train.global_batch_size", "train.seq_len", "train.grad_accum_steps", "train.log_every",
     "train.eval_every", "checkpoint.every", "checkpoint.keep", "model.d_model", "model.num_layers",
     "model.num_heads", "model.num_kv_heads", "model.head_dim", "model.mlp_dim", "model.vocab_size",
+    "classify.min_bucket_len", "optim.eps",
 )
 # What a set of parameters means beyond its shapes: a checkpoint (resume) or a pretrained trunk
 # (fine-tuning) only makes sense under the same values. Fields absent from an older config are skipped.
@@ -50,8 +53,11 @@ def architecture_differences(config: Mapping, other: Mapping, sections: tuple[st
 
 NON_NEGATIVE = (
     "train.repeat_weight", "optim.warmup_steps", "optim.weight_decay", "optim.clip_norm", "train.eval_steps",
-    "diagnostics.profile_steps", "diagnostics.profile_skip_steps",
+    "diagnostics.profile_steps", "diagnostics.profile_skip_steps", "data.num_workers", "data.prefetch",
+    "optim.final_learning_rate",
 )
+FRACTIONS = ("optim.b1", "optim.b2")  # in [0, 1)
+PROBABILITIES = ("data.reverse_complement_prob",)  # in [0, 1]
 
 
 def get(config: ConfigDict, dotted: str):
@@ -77,16 +83,25 @@ def problems(
     `platform` is the one the step is compiled for (the mesh's: TPU when compiling ahead of time on
     a CPU host); it decides which kernel `model.attention=auto` means. Default: the host's.
     """
-    out: list[str] = []
+    nonfinite = {key: value for key, value in _leaves(config.to_dict()) if isinstance(value, float) and not math.isfinite(value)}
+    out: list[str] = [f"{key}: must be a finite number, got {value}" for key, value in nonfinite.items()]
     for key, choices in CHOICES.items():
         if _has(config, key) and get(config, key) not in choices:
             out.append(f"{key}: {get(config, key)!r} is not one of {', '.join(choices)}")
     for key in POSITIVE:
-        if _has(config, key) and not get(config, key) > 0:
+        if _has(config, key) and key not in nonfinite and not get(config, key) > 0:
             out.append(f"{key}: must be positive, got {get(config, key)}")
     for key in NON_NEGATIVE:
-        if _has(config, key) and get(config, key) < 0:
+        if _has(config, key) and key not in nonfinite and not get(config, key) >= 0:
             out.append(f"{key}: must be >= 0, got {get(config, key)}")
+    for key in FRACTIONS:
+        if _has(config, key) and key not in nonfinite and not 0 <= get(config, key) < 1:
+            out.append(f"{key}: must lie in [0, 1), got {get(config, key)}")
+    for key in PROBABILITIES:
+        if _has(config, key) and key not in nonfinite and not 0 <= get(config, key) <= 1:
+            out.append(f"{key}: must lie in [0, 1], got {get(config, key)}")
+    if _has(config, "mesh.logical_axis_rules"):
+        out.extend(_rule_problems(config.mesh.logical_axis_rules))
     if out:
         return out  # the checks below divide by these values
 
@@ -104,7 +119,7 @@ def problems(
         tokenizer = get_tokenizer(config.data.tokenizer, pad_multiple=config.data.kmer_pad_multiple)
         if m.vocab_size < tokenizer.vocab_size:
             out.append(f"model.vocab_size: {m.vocab_size} is smaller than the {tokenizer.name} tokenizer's vocabulary ({tokenizer.vocab_size})")
-    if config.optim.learning_rate <= 0:
+    if not config.optim.learning_rate > 0:
         out.append(f"optim.learning_rate: must be positive, got {config.optim.learning_rate}")
     if config.optim.final_learning_rate > config.optim.learning_rate:
         out.append(f"optim.final_learning_rate: {config.optim.final_learning_rate} exceeds optim.learning_rate")
@@ -127,6 +142,32 @@ def problems(
                     out.append(f"model.{key}: {m[key]} is not divisible by the tensor-parallel size ({tensor})")
             if m.d_model % mesh_shape.get("fsdp", 1):
                 out.append(f"model.d_model: {m.d_model} is not divisible by the fsdp size ({mesh_shape.get('fsdp', 1)})")
+    return out
+
+
+def _leaves(tree: Mapping, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _rule_problems(rules) -> list[str]:
+    """Each rule is (logical name, None | a mesh axis | a sequence of mesh axes)."""
+    where = "mesh.logical_axis_rules"
+    if isinstance(rules, str) or not isinstance(rules, (list, tuple)):
+        return [f"{where}: must be a sequence of (logical name, mesh axes) pairs, got {rules!r}"]
+    out = []
+    for rule in rules:
+        if isinstance(rule, str) or not isinstance(rule, (list, tuple)) or len(rule) != 2 or not isinstance(rule[0], str):
+            out.append(f"{where}: {rule!r} is not a (logical name, mesh axes) pair")
+            continue
+        target = rule[1]
+        axes = () if target is None else (target,) if isinstance(target, str) else target
+        if not isinstance(axes, (list, tuple)) or any(axis not in sharding.AXES for axis in axes):
+            out.append(f"{where}: {rule[0]!r} maps to {target!r}; use None, one of {', '.join(sharding.AXES)}, "
+                       "or a tuple of them")
     return out
 
 

@@ -107,11 +107,21 @@ def test_eval_batches_hold_each_example_once_with_zero_weight_fillers():
     padded = [cd.pad_batch(split, b, buckets, pad_id=0) for b in batches]
     assert sorted(i for b in batches for i in b if i >= 0) == list(range(7))
     assert sum(p["weights"].sum() for p in padded) == 7
-    last = padded[-1]
-    assert last["tokens"].shape == (4, 128)
-    np.testing.assert_array_equal(last["segment_ids"].sum(axis=1), [100, 100, 0, 0])
-    np.testing.assert_array_equal(last["tokens"][0, :100], split.tokens[5])
-    assert (last["tokens"][0, 100:] == 0).all()
+    at = next(i for i, b in enumerate(batches) if 5 in b)  # the 100-token bucket: two rows and two fillers
+    long = padded[at]
+    assert long["tokens"].shape == (4, 128)
+    np.testing.assert_array_equal(np.sort(long["segment_ids"].sum(axis=1)), [0, 0, 100, 100])
+    row = int(np.flatnonzero(batches[at] == 5)[0])
+    np.testing.assert_array_equal(long["tokens"][row, :100], split.tokens[5])
+    assert (long["tokens"][row, 100:] == 0).all()
+
+
+def test_a_prefix_of_eval_batches_samples_every_class():
+    """train.eval_steps > 0 reads the first batches: on a label-sorted table they must not be one class."""
+    split = _split([30] * 64)
+    labels_N = np.repeat([0, 1], 32)  # sorted by label, as Genomic Benchmarks tables are
+    first = cd.eval_batches(split, cd.bucket_lengths(64), batch_size=8)[:2]
+    assert len(set(labels_N[np.concatenate(first)])) == 2
 
 
 def test_a_sequence_longer_than_seq_len_is_a_user_error():

@@ -97,6 +97,7 @@ def _fake_pretraining_checkpoint(tmp_path, **overrides):
     """A step folder as checkpoint.py lays it out, holding only the stored config."""
     pretrained = finetune_config("demo")
     pretrained.model.update(d_model=32, num_layers=2, num_heads=2, num_kv_heads=2, head_dim=16, mlp_dim=64)
+    pretrained.task = overrides.pop("task", "pretrain")
     for dotted, value in overrides.items():
         section, key = dotted.split("__")
         pretrained[section][key] = value
@@ -114,6 +115,9 @@ def test_a_tokenizer_that_differs_from_the_checkpoint_is_a_clear_error(tmp_path,
         TASK.validate(config)
     config.init_from = str(_fake_pretraining_checkpoint(tmp_path / "same"))
     TASK.validate(config)  # identical settings pass
+    config.init_from = str(_fake_pretraining_checkpoint(tmp_path / "finetuned", task="classify"))
+    with pytest.raises(UserError, match=r"a 'classify' checkpoint; fine-tuning starts from a pretraining one"):
+        TASK.validate(config)
 
 
 def test_num_classes_that_disagree_with_the_data_is_a_user_error(tsv_table):
@@ -129,7 +133,7 @@ def test_summarize_writes_results_json(tmp_path, tsv_table):
     TASK.summarize(str(tmp_path), config, 40, TASK.finalize_metrics(stats, config))
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["confusion_matrix"] == [[10, 2], [3, 9]]
-    assert results["num_test"] == 24 and results["split_seed"] == 0
+    assert results["num_test"] == results["num_test_in_split"] == 24 and results["split_seed"] == 0
     assert results["accuracy"] == pytest.approx(19 / 24)
     assert {"mcc", "f1_macro", "f1_weighted"} <= results.keys()
 
@@ -176,7 +180,9 @@ def test_init_from_loads_the_pretrained_trunk_and_keeps_the_fresh_head(tmp_path,
             return {}
 
     checkpoints = Checkpoints(str(tmp_path / "pretrain"), keep=1, async_save=False)
-    checkpoints.save({"step": np.int32(5), "params": pretrained_params, "opt_state": {}}, NoData(), config)
+    pretraining_config = config.copy_and_resolve_references()
+    pretraining_config.task = "pretrain"
+    checkpoints.save({"step": np.int32(5), "params": pretrained_params, "opt_state": {}}, NoData(), pretraining_config)
     checkpoints.close()
     config.init_from = str(tmp_path / "pretrain")
     TASK.validate(config)

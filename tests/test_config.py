@@ -38,6 +38,15 @@ def test_every_preset_is_valid(preset):
         (lambda c: c.data.update(tokenizer="kmer6_overlap"), "model.vocab_size"),
         (lambda c: c.optim.update(final_learning_rate=1.0), "optim.final_learning_rate"),
         (lambda c: c.model.update(head_dim=31), "model.head_dim"),
+        (lambda c: c.optim.update(final_learning_rate=-0.003), "optim.final_learning_rate"),
+        (lambda c: c.optim.update(learning_rate=float("nan")), "optim.learning_rate"),
+        (lambda c: c.train.update(repeat_weight=float("inf")), "train.repeat_weight"),
+        (lambda c: c.optim.update(b2=1.5), "optim.b2"),
+        (lambda c: c.optim.update(eps=-1.0), "optim.eps"),
+        (lambda c: c.data.update(reverse_complement_prob=1.5), "data.reverse_complement_prob"),
+        (lambda c: c.data.update(num_workers=-1), "data.num_workers"),
+        (lambda c: c.mesh.update(logical_axis_rules=tuple("foo")), "mesh.logical_axis_rules"),
+        (lambda c: c.mesh.update(logical_axis_rules=(("batch", ("data", "pipeline")),)), "mesh.logical_axis_rules"),
     ],
 )
 def test_bad_field_is_named(change, field):

@@ -147,6 +147,30 @@ def test_eval_only_without_a_checkpoint_is_a_user_error(genome, tmp_path):
     assert not workdir.exists()
 
 
+def test_the_dataset_is_checked_against_the_run_before_training(genome, capsys):
+    """A missing eval split or windows shorter than a row fail before the first step, naming the field."""
+    sys.path.insert(0, str(REPO / "configs"))
+    import pretrain as presets
+
+    from nucgpt.errors import UserError
+    from nucgpt.tasks import get_task
+
+    task, config = get_task("pretrain"), presets.get_config("demo")
+    config.data.update(path=genome, synthetic_bp=0)
+    config.train.seq_len = 64  # the fixture's 65 bp windows: exactly a row
+    task.validate(config)
+    config.data.eval_split = "test"
+    with pytest.raises(UserError, match=r"^data.eval_split: .* has no 'test' records \(splits: train=\d+, valid=\d+, test=0\)"):
+        task.validate(config)
+    config.data.eval_split, config.train.seq_len = "valid", 128
+    with pytest.raises(UserError, match=r"^train.seq_len: 128 tokens read 129 bp per row, but .* holds 65 bp windows"):
+        task.validate(config)
+    config.train.seq_len = 32
+    capsys.readouterr()
+    task.validate(config)
+    assert "holds 65 bp windows; a row of train.seq_len 32 tokens reads the first 33 bp of each" in capsys.readouterr().out
+
+
 def test_sigterm_saves_and_exits_zero(genome, tmp_path):
     workdir = tmp_path / "preempted"
     proc = subprocess.Popen(train_command(workdir, genome, "--config.train.steps=100000", "--config.checkpoint.every=100000",

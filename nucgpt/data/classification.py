@@ -239,15 +239,19 @@ def epoch_batches(split: TokenizedSplit, buckets: tuple[int, ...], batch_size: i
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def eval_batches(split: TokenizedSplit, buckets: tuple[int, ...], batch_size: int) -> list[np.ndarray]:
-    """Every example exactly once, grouped by bucket; -1 marks filler rows of a last partial batch."""
+def eval_batches(split: TokenizedSplit, buckets: tuple[int, ...], batch_size: int, seed: int = 0) -> list[np.ndarray]:
+    """Every example exactly once, grouped by bucket; -1 marks filler rows of a bucket's last batch.
+
+    The order is a fixed shuffle, so the first `train.eval_steps` batches are a sample of the split,
+    not its first class (tables are often sorted by label)."""
+    rng = np.random.default_rng(seed)
     bucket_N = assign_buckets(np.asarray([len(t) for t in split.tokens]), buckets)
     batches = []
     for bucket in np.unique(bucket_N):
-        members = np.flatnonzero(bucket_N == bucket)
+        members = rng.permutation(np.flatnonzero(bucket_N == bucket))
         members = np.concatenate([members, np.full(-len(members) % batch_size, -1)])
         batches += list(members.reshape(-1, batch_size))
-    return batches
+    return [batches[i] for i in rng.permutation(len(batches))]
 
 
 def pad_batch(split: TokenizedSplit, indices_B: np.ndarray, buckets: tuple[int, ...], pad_id: int) -> dict[str, np.ndarray]:

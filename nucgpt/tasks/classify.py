@@ -116,7 +116,11 @@ class ClassifyTask(Task):
         if config.init_from:
             if config.model.kind != "transformer":
                 raise UserError("init_from: only a transformer can start from a pretrained checkpoint")
-            check_matches_pretrained(config, read_pretrained_config(config.init_from))
+            pretrained = read_pretrained_config(config.init_from)
+            if pretrained.get("task", "pretrain") != "pretrain":
+                raise UserError(f"init_from {config.init_from}: a {pretrained.get('task')!r} checkpoint; fine-tuning "
+                                "starts from a pretraining one (to continue a fine-tune, rerun it in its own workdir)")
+            check_matches_pretrained(config, pretrained)
         data = dataset(config)
         if config.classify.num_classes and config.classify.num_classes != data.num_classes:
             raise UserError(f"classify.num_classes: {config.classify.num_classes}, but {config.data.path} has {data.num_classes} classes")
@@ -224,6 +228,7 @@ class ClassifyTask(Task):
             **{k: float(eval_metrics[k]) for k in ("accuracy", "mcc", "f1_macro", "f1_weighted")},
             "confusion_matrix": counts,
             "num_test": int(sum(map(sum, counts))),
+            "num_test_in_split": len(data.test),  # num_test is less when train.eval_steps > 0 (a seeded sample)
             "num_train": len(data.train),
             "split_seed": config.classify.split_seed if data.split["kind"] == "stratified" else None,
             "split": data.split,

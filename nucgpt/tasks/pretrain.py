@@ -4,6 +4,7 @@ import os
 import time
 from typing import Mapping
 
+import jax
 import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
@@ -68,12 +69,26 @@ class PretrainTask(Task):
         return tokens + tokenizer.k - 1 if tokenizer.overlap else tokens * tokenizer.k
 
     def validate(self, config: ConfigDict) -> None:
-        if not config.data.path and config.data.synthetic_bp <= 0:
+        """Runs after `prepare_data`: the dataset exists, holds both splits the run reads, and its
+        windows are as long as a row needs."""
+        if not config.data.path:
             raise UserError("data.path: empty; give a prepared folder (nucgpt-prepare) or set data.synthetic_bp")
-        if config.data.path and config.data.synthetic_bp <= 0:
-            from nucgpt.data.pipeline import read_manifest
+        from nucgpt.data.pipeline import read_manifest
 
-            read_manifest(config.data.path)
+        manifest = read_manifest(config.data.path)
+        counts = ", ".join(f"{name}={split['records']}" for name, split in manifest["splits"].items())
+        for split, field in (("train", "data.path"), (config.data.eval_split, "data.eval_split")):
+            if not manifest["splits"].get(split, {}).get("records"):
+                raise UserError(f"{field}: {config.data.path} has no {split!r} records (splits: {counts})")
+        window, needed = manifest["options"]["window"], self.window_bp(config)
+        if all(source["kind"] == "fasta" for source in manifest["sources"]) and window != needed:
+            if window < needed:
+                raise UserError(f"train.seq_len: {config.train.seq_len} tokens read {needed} bp per row, but "
+                                f"{config.data.path} holds {window} bp windows (rows would be part padding); "
+                                f"prepare it with --window {needed} or lower train.seq_len")
+            if jax.process_index() == 0:
+                print(f"note: {config.data.path} holds {window} bp windows; a row of train.seq_len "
+                      f"{config.train.seq_len} tokens reads the first {needed} bp of each", flush=True)
 
     def build_model(self, config: ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
         from nucgpt.model import Transformer
