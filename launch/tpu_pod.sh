@@ -97,6 +97,17 @@ on_workers() { execute "${tpu_vm[@]}" ssh "$name" "${where[@]}" --worker="$1" --
 status=0  # the trainer's exit status; --delete still runs after a failed run, so no slice idles
 log=nucgpt_train.log pid=nucgpt_train.pid rc=nucgpt_train.rc venv=nucgpt-venv
 
+# With --delete, a step that fails before the end (the copy, the install, a run already going) still
+# deletes the slice on the way out. Ctrl-C does not: a detached run may be going; the slice is kept.
+deleted=0 interrupted=0
+delete_slice() { execute "${tpu_vm[@]}" delete "$name" "${where[@]}" --quiet; deleted=1; }
+if [ "$delete" = 1 ]; then
+  trap 'interrupted=1; exit 130' INT
+  trap 'code=$?; if [ "$deleted" = 0 ] && [ "$interrupted" = 0 ]; then
+          echo "a step failed (exit $code); deleting the slice as --delete asks" >&2; delete_slice || true
+        elif [ "$deleted" = 0 ]; then echo "interrupted: slice $name kept (delete it with --delete)" >&2; fi' EXIT
+fi
+
 if [ "$create" = 1 ]; then
   create_flags=(--accelerator-type="$type" --version="$runtime")
   [ "$spot" = 1 ] && create_flags+=(--spot)
@@ -139,6 +150,6 @@ echo 'the trainer ended without an exit status (killed with its VM?)' >&2; exit 
 fi
 
 if [ "$delete" = 1 ]; then
-  execute "${tpu_vm[@]}" delete "$name" "${where[@]}" --quiet
+  delete_slice
 fi
 exit "$status"

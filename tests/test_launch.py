@@ -195,6 +195,18 @@ def test_tpu_pod_runs_its_remote_scripts_on_a_fake_one_worker_slice(tmp_path):
 
 
 @needs_git_checkout
+def test_tpu_pod_deletes_the_slice_when_a_setup_step_fails(tmp_path):
+    """--run --delete: a failed install must not leave a paid slice idling."""
+    env, home = fake_slice(tmp_path, "#!/bin/sh\n")
+    (home / ".local/bin/uv").write_text("#!/bin/sh\necho 'simulated install failure' >&2; exit 1\n")
+    result = tpu_pod("--name", "pod", "--zone", "z", "--run", "--delete", "--", *TRAINER_ARGS, env=env)
+    assert result.returncode == 1 and "simulated install failure" in result.stderr
+    assert "deleting the slice as --delete asks" in result.stderr
+    calls = (tmp_path / "gcloud.log").read_text().splitlines()
+    assert [c.split()[3] for c in calls] == ["scp", "ssh", "delete"]
+
+
+@needs_git_checkout
 def test_tpu_pod_stop_reaches_the_detached_trainer_and_logs_reattach(tmp_path):
     env, home = fake_slice(tmp_path, textwrap.dedent("""\
         #!/usr/bin/env bash
