@@ -29,6 +29,14 @@ CONSOLE_KEYS = (
 )
 
 
+def _step_of(line: str) -> int:
+    """A metrics.jsonl line's step; a line cut short by a crash counts as after every step (dropped)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 2**63
+
+
 def _finite(value) -> float | None:
     if value is None:
         return None
@@ -39,13 +47,29 @@ def _finite(value) -> float | None:
 class MetricsLogger:
     """`log(step, metrics)` → one TensorBoard scalar per key, one metrics.jsonl line, one console line."""
 
-    def __init__(self, workdir: str, enabled: bool = True):
+    def __init__(self, workdir: str, enabled: bool = True, start_step: int | None = None):
+        """`start_step`: the step the run restarts from (its checkpoint's). What an earlier run logged
+        after it was lost with that run: metrics.jsonl drops those lines, and TensorBoard is told
+        to (a SessionLog.START event), so a resumed run does not log steps twice."""
         self.enabled = enabled
         if not enabled:
             return
         self.jsonl_path = epath.Path(workdir) / "metrics.jsonl"
         self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
         self._tb = EventFileWriter(os.path.join(workdir, "tensorboard"))
+        if start_step is not None:
+            self._forget_after(start_step)
+
+    def _forget_after(self, step: int) -> None:
+        if self.jsonl_path.exists():
+            lines = self.jsonl_path.read_text().splitlines(keepends=True)
+            kept = [line for line in lines if _step_of(line) <= step]
+            if len(kept) < len(lines):
+                partial = self.jsonl_path.with_name(self.jsonl_path.name + ".tmp")
+                partial.write_text("".join(kept))
+                partial.replace(self.jsonl_path)
+        start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+        self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=step + 1, session_log=start))
 
     def log(self, step: int, metrics: Mapping[str, float | None], console: bool = True) -> None:
         if not self.enabled:

@@ -102,7 +102,7 @@ class Loop:
     def __init__(self, trainer: Trainer, workdir: str, checkpoints: Checkpoints, train_iterator, state):
         self.trainer, self.config, self.task = trainer, trainer.config, trainer.task
         self.workdir, self.checkpoints, self.train_iterator, self.state = workdir, checkpoints, train_iterator, state
-        self.logger = MetricsLogger(workdir, enabled=jax.process_index() == 0)
+        self.logger = MetricsLogger(workdir, enabled=jax.process_index() == 0, start_step=int(jax.device_get(state["step"])))
         self.profiler = diagnostics.StepProfiler(trainer.config.diagnostics, f"{workdir.rstrip('/')}/tensorboard", enabled=jax.process_index() == 0)
         self.window: dict | None = None
         self.last_saved = checkpoints.latest_step()

@@ -109,6 +109,8 @@ def test_kill_9_then_resume_is_bit_identical(reference_run, genome, tmp_path):
     proc.wait()
     saved = sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
     assert saved and saved[-1] < 12, f"the run was not interrupted mid-way (checkpoints {saved})"
+    with open(workdir / "metrics.jsonl", "a") as f:  # what the killed run logged after its checkpoint
+        f.write(json.dumps({"step": 11, "loss": 99.0}) + "\n" + '{"step": 12, "lo')
 
     result = run_train(workdir, genome, *args)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -121,6 +123,10 @@ def test_kill_9_then_resume_is_bit_identical(reference_run, genome, tmp_path):
     resumed = [l for l in metrics_lines(workdir) if "loss" in l and l["step"] > saved[-1]]
     assert [l["step"] for l in resumed] == list(range(saved[-1] + 1, 13))
     assert all(l["loss"] == reference[l["step"]] for l in resumed)
+    events = EventAccumulator(str(workdir / "tensorboard"))
+    events.Reload()
+    logged = [e.step for e in events.Scalars("loss")]
+    assert sorted(logged) == sorted(set(logged)) and max(logged) == 12  # no step twice in TensorBoard either
 
 
 def test_a_changed_model_in_the_same_workdir_stops_without_touching_it(reference_run, genome):
