@@ -126,6 +126,9 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
     def save(self, state: Mapping[str, Any], data_iterator: Any, config: ConfigDict) -> None:
         """Starts an (asynchronous) save of `state` at its own step; returns once the arrays are copied."""
         step = int(jax.device_get(state["step"]))

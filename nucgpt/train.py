@@ -42,7 +42,22 @@ EXIT_DIVERGED = 1
 
 
 class Diverged(Exception):
-    """The loss or gradient norm became NaN/Inf."""
+    """The loss or gradient norm of `step` became NaN/Inf (computed from the parameters of step - 1)."""
+
+    def __init__(self, step: int, message: str):
+        super().__init__(message)
+        self.step = step
+
+
+def divergence_report(error: Diverged, saved_steps: list[int], directory) -> str:
+    """Which checkpoints are good: step S is known good once step S + 1 ran finite from it, so the
+    checkpoint just before the bad step holds the parameters that diverged."""
+    good = [s for s in saved_steps if s < error.step - 1]
+    report = f"the last good checkpoint is step {good[-1]} in {directory}" if good else "no good checkpoint is kept"
+    if error.step - 1 in saved_steps:
+        report += (f"; checkpoint step {error.step - 1} holds the parameters step {error.step} diverged from: "
+                   f"delete {directory / str(error.step - 1)} before resuming")
+    return report
 
 
 def _add(total: dict | None, stats: Mapping[str, np.ndarray]) -> dict:
@@ -113,7 +128,7 @@ class Loop:
         self.throughput.count(tokens)
         if not all(np.all(np.isfinite(v)) for v in metrics.values()):
             bad = ", ".join(k for k, v in metrics.items() if not np.all(np.isfinite(v)))
-            raise Diverged(f"non-finite {bad} at step {step}")
+            raise Diverged(step, f"non-finite {bad} at step {step}")
         last = {k: float(metrics.pop(k)) for k in ("grad_norm", "learning_rate")}
         self.window = _add(self.window, metrics)
         if step % self.config.train.log_every == 0 or step == self.config.train.steps:
@@ -254,8 +269,7 @@ def train(config: ConfigDict, workdir: str, mesh, task: Task) -> int:
                 step, eval_metrics, preempted = loop.run()
             except Diverged as e:
                 checkpoints.wait()
-                last = checkpoints.latest_step()
-                kept = f"the last good checkpoint is step {last} in {checkpoints.directory}" if last is not None else "no checkpoint was saved"
+                kept = divergence_report(e, checkpoints.all_steps(), checkpoints.directory)
                 print(f"error: training diverged: {e}; stopped without saving; {kept}", file=sys.stderr, flush=True)
                 return EXIT_DIVERGED
         if preempted:

@@ -205,7 +205,19 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(genome, tmp_pa
     bad_step = int(line[0].split(" at step ")[1].split(";")[0])
     saved = sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
     assert all(s < bad_step for s in saved)
-    assert (f"last good checkpoint is step {saved[-1]}" if saved else "no checkpoint was saved") in line[0]
+    good = [s for s in saved if s < bad_step - 1]  # the step before the bad one holds the diverging parameters
+    assert (f"last good checkpoint is step {good[-1]}" if good else "no good checkpoint is kept") in line[0]
+
+
+def test_the_checkpoint_a_divergence_started_from_is_not_called_good():
+    from nucgpt.train import Diverged, divergence_report
+
+    where = pathlib.Path("/w/checkpoints")
+    report = divergence_report(Diverged(7, "non-finite loss at step 7"), [2, 4, 6], where)
+    assert report == ("the last good checkpoint is step 4 in /w/checkpoints; checkpoint step 6 holds the parameters "
+                      "step 7 diverged from: delete /w/checkpoints/6 before resuming")
+    assert divergence_report(Diverged(9, ""), [2, 4, 6], where) == "the last good checkpoint is step 6 in /w/checkpoints"
+    assert divergence_report(Diverged(3, ""), [2], where).startswith("no good checkpoint is kept; checkpoint step 2 holds")
 
 
 def test_dry_run_of_the_500m_preset_compiles_without_allocating(tmp_path):
