@@ -98,7 +98,9 @@ def save_config(workdir: str, config: ConfigDict) -> None:
     """`<workdir>/config.json`: what fine-tuning reads to rebuild the pretrained model and tokenizer."""
     path = epath.Path(workdir) / CONFIG_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(config_to_json(config), indent=2) + "\n")
+    partial = path.with_name(f"{CONFIG_FILE}.tmp")  # a crash mid-write must not leave half a config
+    partial.write_text(json.dumps(config_to_json(config), indent=2) + "\n")
+    partial.replace(path)
 
 
 def _config_mismatch(config: ConfigDict, step_dir: epath.Path) -> str | None:

@@ -54,7 +54,7 @@ def architecture_differences(config: Mapping, other: Mapping, sections: tuple[st
 NON_NEGATIVE = (
     "train.repeat_weight", "optim.warmup_steps", "optim.weight_decay", "optim.clip_norm", "train.eval_steps",
     "diagnostics.profile_steps", "diagnostics.profile_skip_steps", "data.num_workers", "data.prefetch",
-    "optim.final_learning_rate",
+    "optim.final_learning_rate", "classify.synthetic_examples",
 )
 FRACTIONS = ("optim.b1", "optim.b2")  # in [0, 1)
 PROBABILITIES = ("data.reverse_complement_prob",)  # in [0, 1]

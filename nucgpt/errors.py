@@ -21,7 +21,8 @@ class UserError(Exception):
 def exits_cleanly_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
     """Wraps an absl `main`: a UserError prints `error: <message>` on stderr and exits 2; so does an
     OSError about a named file (a full disk, a path that vanished): the file and the reason, one line.
-    Output piped into a reader that stops early (`| head`) ends the program quietly, exit 141."""
+    Output piped into a reader that stops early (`| head`) ends the program quietly, exit 141;
+    Ctrl-C prints `interrupted`, exit 130."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -29,6 +30,9 @@ def exits_cleanly_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
             return main(*args, **kwargs)
         except UserError as e:
             message = str(e)
+        except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; outputs are whole or absent anyway
+            print("interrupted", file=sys.stderr, flush=True)
+            sys.exit(128 + signal.SIGINT)
         except BrokenPipeError:  # stdout piped into `head`: stop quietly, as a Unix tool would
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail too
             sys.exit(128 + signal.SIGPIPE)

@@ -118,6 +118,9 @@ def test_a_tokenizer_that_differs_from_the_checkpoint_is_a_clear_error(tmp_path,
     config.init_from = str(_fake_pretraining_checkpoint(tmp_path / "finetuned", task="classify"))
     with pytest.raises(UserError, match=r"a 'classify' checkpoint; fine-tuning starts from a pretraining one"):
         TASK.validate(config)
+    config.init_from = str(tsv_table)  # a file, not a checkpoint
+    with pytest.raises(UserError, match=r"^init_from .*: .* \(want a pretraining workdir or checkpoint step folder\)"):
+        TASK.validate(config)
 
 
 def test_num_classes_that_disagree_with_the_data_is_a_user_error(tsv_table):

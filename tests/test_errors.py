@@ -25,6 +25,12 @@ def test_an_os_error_about_a_file_is_one_line_naming_it(capsys):
     assert capsys.readouterr().err == "error: /data/out/shard-00001.array_record: No space left on device\n"
 
 
+def test_ctrl_c_is_one_line_exit_130(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _main_raising(KeyboardInterrupt())(["prog"])
+    assert exit_info.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+
+
 def test_an_os_error_without_a_file_is_not_hidden():
     with pytest.raises(ConnectionResetError):
         _main_raising(ConnectionResetError("peer went away"))(["prog"])

@@ -165,6 +165,10 @@ def test_the_dataset_is_checked_against_the_run_before_training(genome, capsys):
     config.data.update(path=genome, synthetic_bp=0)
     config.train.seq_len = 64  # the fixture's 65 bp windows: exactly a row
     task.validate(config)
+    config.model.kind = "cnn"
+    with pytest.raises(UserError, match=r"^model.kind: 'cnn'; pretraining trains a transformer"):
+        task.validate(config)
+    config.model.kind = "transformer"
     config.data.eval_split = "test"
     with pytest.raises(UserError, match=r"^data.eval_split: .* has no 'test' records \(splits: train=\d+, valid=\d+, test=0\)"):
         task.validate(config)

@@ -116,7 +116,11 @@ class ClassifyTask(Task):
         if config.init_from:
             if config.model.kind != "transformer":
                 raise UserError("init_from: only a transformer can start from a pretrained checkpoint")
-            pretrained = read_pretrained_config(config.init_from)
+            try:
+                pretrained = read_pretrained_config(config.init_from)
+            except OSError as e:
+                raise UserError(f"init_from {config.init_from}: {e.strerror or e} (want a pretraining workdir or "
+                                "checkpoint step folder)") from None
             if pretrained.get("task", "pretrain") != "pretrain":
                 raise UserError(f"init_from {config.init_from}: a {pretrained.get('task')!r} checkpoint; fine-tuning "
                                 "starts from a pretraining one (to continue a fine-tune, rerun it in its own workdir)")

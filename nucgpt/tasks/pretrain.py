@@ -71,6 +71,9 @@ class PretrainTask(Task):
     def validate(self, config: ConfigDict) -> None:
         """Runs after `prepare_data`: the dataset exists, holds both splits the run reads, and its
         windows are as long as a row needs."""
+        if config.model.get("kind", "transformer") != "transformer":
+            raise UserError(f"model.kind: {config.model.kind!r}; pretraining trains a transformer (the CNN is a "
+                            "fine-tuning baseline: configs/finetune.py)")
         if not config.data.path:
             raise UserError("data.path: empty; give a prepared folder (nucgpt-prepare) or set data.synthetic_bp")
         from nucgpt.data.pipeline import read_manifest
