@@ -109,7 +109,7 @@ def _config_mismatch(config: ConfigDict, step_dir: epath.Path) -> str | None:
         stored = json.loads((step_dir / "config" / "metadata").read_text())
     except (OSError, ValueError):
         return None  # an older or partial step: its shapes are still compared
-    differences = config_checks.architecture_differences(config, stored)
+    differences = config_checks.architecture_differences(config, stored, sections=("data", "model", "classify"))
     if "task" in stored and stored["task"] != config.task:
         differences.insert(0, f"task={config.task!r} but the checkpoint has {stored['task']!r}")
     return "; ".join(differences) or None
@@ -264,6 +264,8 @@ def resolve_step_dir(path: str, name: str = "init_from") -> epath.Path:
     """A workdir (its latest checkpoint), a `checkpoints/` folder, or one step folder → the step folder.
     `name` is the flag or field the path came from, for the error."""
     folder = absolute_path(path)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{name} {path}: is a file; give a workdir, its checkpoints/ or a step folder")
     if (folder / "params").exists():
         return folder
     step_dir = latest_step_dir(path)

@@ -38,6 +38,7 @@ ARCHITECTURE_FIELDS = {
         "mlp_activation", "norm_placement", "norm_eps", "rope_base", "tie_embeddings", "scan_layers",
     ),
     "data": ("tokenizer", "kmer_pad_multiple"),
+    "classify": ("pooling", "freeze_trunk"),  # a fine-tune's head reads the trunk this way; compared on resume only
 }
 
 

@@ -200,6 +200,8 @@ def _check_flags() -> None:
         raise UserError(f"--num_samples must be a positive integer, got {_NUM_SAMPLES.value}")
     if not (math.isfinite(_TEMPERATURE.value) and _TEMPERATURE.value >= 0):
         raise UserError(f"--temperature must be 0 (greedy) or a positive number, got {_TEMPERATURE.value}")
+    if not -(2**63) <= _SEED.value < 2**63:
+        raise UserError(f"--seed must fit in 64 bits (-2^63 to 2^63 - 1), got {_SEED.value}")
     if _TOP_K.value < 0:
         raise UserError(f"--top_k must be 0 (no truncation) or positive, got {_TOP_K.value}")
     if not _OUTPUT.value:

@@ -503,6 +503,17 @@ def summary(meta: dict, features: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _strict_json(value):
+    """NaN/Inf (an FVU of a dead SAE, say) as null: bare NaN is not JSON, and strict readers reject it."""
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    if isinstance(value, (float, np.floating)) and not math.isfinite(value):
+        return None
+    return value
+
+
 def write_output(output: str, params: dict, meta: dict, features: list[dict], text: str) -> None:
     """Writes into a hidden sibling folder, then renames it to `output` (an old one goes only after that)."""
     output = os.path.abspath(output)
@@ -513,9 +524,9 @@ def write_output(output: str, params: dict, meta: dict, features: list[dict], te
     try:
         np.savez(os.path.join(tmp, "params.npz"), **{k: np.asarray(v) for k, v in params.items()})
         with open(os.path.join(tmp, "sae.json"), "w") as f:
-            json.dump(meta, f, indent=2)
+            json.dump(_strict_json(meta), f, indent=2, allow_nan=False)
         with open(os.path.join(tmp, "features.jsonl"), "w") as f:
-            f.writelines(json.dumps(feature) + "\n" for feature in features)
+            f.writelines(json.dumps(_strict_json(feature), allow_nan=False) + "\n" for feature in features)
         with open(os.path.join(tmp, "summary.txt"), "w") as f:
             f.write(text)
         replace_folder(tmp, output)

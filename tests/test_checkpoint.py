@@ -134,6 +134,31 @@ def test_a_same_shaped_architecture_change_is_a_user_error(saved):
     checkpoints.close()
 
 
+def test_a_file_given_as_a_checkpoint_is_named(tmp_path):
+    from nucgpt.checkpoint import resolve_step_dir
+
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(UserError, match=r"^--checkpoint .*config.json: is a file; give a workdir"):
+        resolve_step_dir(str(tmp_path / "config.json"), "--checkpoint")
+
+
+def test_a_fine_tune_resumed_with_another_pooling_is_named(tmp_path):
+    """A head reads the trunk by its pooling (no shape changes): resuming with another one is refused."""
+    import finetune
+    from etils import epath
+
+    from nucgpt import checkpoint
+
+    stored = finetune.get_config("demo")
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "metadata").write_text(stored.to_json())
+    config = stored.copy_and_resolve_references()
+    assert checkpoint._config_mismatch(config, epath.Path(tmp_path)) is None
+    config.classify.pooling = "mean" if stored.classify.pooling == "last" else "last"
+    assert checkpoint._config_mismatch(config, epath.Path(tmp_path)).startswith(
+        f"classify.pooling={config.classify.pooling!r} but the checkpoint has {stored.classify.pooling!r}")
+
+
 def test_unreadable_metadata_falls_back_to_previous(saved, tmp_path, capsys):
     source, config, _ = saved
     workdir = tmp_path / "copy"

@@ -242,6 +242,7 @@ def test_cli_writes_one_record_per_sample(tmp_path, capsys, checkpoint_dir):
         (["--prompt="], r"error: the prompt is empty"),
         (["--prompt=ACGT", "--temperature=inf"], r"error: --temperature must be 0 \(greedy\) or a positive number, got inf"),
         (["--prompt=ACGT", "--temperature=nan"], r"error: --temperature must be 0 \(greedy\) or a positive number, got nan"),
+        (["--prompt=ACGT", f"--seed={2**64}"], r"error: --seed must fit in 64 bits"),
         (["--prompt=ACGT", "--num_bases=61"], r"error: prompt \(4 bp\) \+ --num_bases \(61\) = 65 bp exceeds the model's trained context of 64 bp"),
     ],
 )

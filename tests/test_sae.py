@@ -329,6 +329,9 @@ def test_output_appears_whole_or_not_at_all(tmp_path, monkeypatch):
     monkeypatch.undo()
     sae_train.write_output(str(out), params, {"v": 2}, [{"latent": 0}], "new\n")
     assert os.listdir(tmp_path) == ["sae"] and json.loads((out / "sae.json").read_text()) == {"v": 2}
+    sae_train.write_output(str(out), params, {"fvu": float("nan"), "curve": [1.0, np.float32("inf")]}, [{"mean": float("nan")}], "")
+    assert json.loads((out / "sae.json").read_text()) == {"fvu": None, "curve": [1.0, None]}  # strict JSON: null
+    assert json.loads((out / "features.jsonl").read_text()) == {"mean": None}
     umask = os.umask(0o022)
     try:
         sae_train.write_output(str(tmp_path / "shared"), params, {"v": 3}, [], "\n")
