@@ -96,10 +96,12 @@ class Tokenizer:
         return ids, repeat, valid
 
     def decode(self, ids: np.ndarray) -> np.ndarray:
-        """Token ids [..., T] → uppercase bases, uint8 [..., bases]: the inverse of `encode` up to case.
+        """Token ids [..., T] → uppercase bases, uint8 [..., bases]: the inverse of `encode` up to case
+        for unpadded ids whose k-mers hold no N.
 
         PAD and UNK read as N (k N's per consecutive k-mer). Consecutive k-mers give T·k bases;
-        overlapping ones the first base of each k-mer then the rest of the last, T + k - 1.
+        overlapping ones the first base of each k-mer then the rest of the last, T + k - 1 (so a PAD
+        or UNK last token turns the last k - 1 bases to N too).
         """
         ids = np.asarray(ids)
         if self.k == 1:

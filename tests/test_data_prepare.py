@@ -169,8 +169,8 @@ def test_bad_input_is_one_user_error_and_leaves_nothing(tmp_path, content, kwarg
     bad = tmp_path / "bad.fa"
     bad.write_bytes(content)
     with pytest.raises(UserError, match=message):
-        prepare([bad], tmp_path / "out", **{"window": 4, "progress": False, **kwargs})
-    assert _leftovers(tmp_path) == ["bad.fa"]
+        prepare([bad], tmp_path / "new" / "deeper" / "out", **{"window": 4, "progress": False, **kwargs})
+    assert _leftovers(tmp_path) == ["bad.fa"]  # not even the folders made for --out
 
 
 def test_interrupted_run_leaves_nothing(genome_files, tmp_path, monkeypatch):

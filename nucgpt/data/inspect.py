@@ -56,7 +56,9 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) != 2:
         raise UserError("usage: python -m nucgpt.data.inspect DIR [--dump N --split S]")
     path = argv[1]
-    if FLAGS.dump <= 0:
+    if FLAGS.dump < 0:
+        raise UserError(f"--dump must be 0 (describe the dataset) or a number of records, got {FLAGS.dump}")
+    if FLAGS.dump == 0:
         print(describe(records.read_manifest(path)))
         return
     for count, (chrom, start, sequence) in enumerate(iter_records(path, FLAGS.split)):

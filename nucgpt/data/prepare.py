@@ -100,21 +100,24 @@ class Windower:
 
 
 class _Progress:
-    """A one-line bp/s progress bar on stderr, redrawn at most twice a second."""
+    """A one-line bp/s progress bar on stderr, redrawn at most twice a second; where stderr is a
+    file (a Slurm log, say) a plain line every 30 s instead of carriage returns."""
 
     def __init__(self, enabled: bool):
         self._enabled = enabled
+        self._terminal = sys.stderr.isatty()
         self._drawn = False  # a bar line is on screen without its newline
         self._t0 = self._last = time.monotonic()
 
     def update(self, bp: int, num_records: int, force: bool = False) -> None:
         now = time.monotonic()
-        if self._enabled and (force or now - self._last > 0.5):
+        if self._enabled and (force or now - self._last > (0.5 if self._terminal else 30.0)):
             self._last = now
             rate = bp / max(now - self._t0, 1e-9) / 1e6
-            sys.stderr.write(f"\r  {bp / 1e6:10.1f} Mbp read  {rate:7.1f} Mbp/s  {num_records:>10,} records")
+            line = f"  {bp / 1e6:10.1f} Mbp read  {rate:7.1f} Mbp/s  {num_records:>10,} records"
+            sys.stderr.write(f"\r{line}" if self._terminal else f"{line}\n")
             sys.stderr.flush()
-            self._drawn = True
+            self._drawn = self._terminal
 
     def done(self, bp: int, num_records: int) -> None:
         self.update(bp, num_records, force=True)
@@ -195,6 +198,7 @@ def prepare(
                    records_per_shard=records_per_shard)
 
     parent = os.path.dirname(out_dir)
+    created = _first_missing(parent)  # folders this run makes: removed again if it fails
     os.makedirs(parent, exist_ok=True)
     tmp_dir = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{os.getpid()}")
     shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -232,9 +236,17 @@ def prepare(
     except BaseException:
         bar.end_line()
         sink.close()
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        shutil.rmtree(created or tmp_dir, ignore_errors=True)
         raise
     return manifest
+
+
+def _first_missing(path: str) -> str | None:
+    """The outermost folder of `path` that does not exist yet (None when it all exists)."""
+    missing = None
+    while not os.path.exists(path):
+        missing, path = path, os.path.dirname(path)
+    return missing
 
 
 def _split(chrom: str, split_of: dict[str, str], include_re: re.Pattern, exclude_re: re.Pattern) -> str | None:
