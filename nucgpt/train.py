@@ -251,6 +251,7 @@ def train(config: ConfigDict, workdir: str, mesh, task: Task) -> int:
     trainer = build_trainer(config, mesh)
     checkpoints = Checkpoints(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     train_iterator = task.train_iterator(config, process_index, process_count)
+    loop = None
     try:
         state = checkpoints.restore_latest(trainer.abstract_state, train_iterator, config)
         if state is None and config.eval_only:
@@ -273,7 +274,8 @@ def train(config: ConfigDict, workdir: str, mesh, task: Task) -> int:
                 print(f"error: training diverged: {e}; stopped without saving; {kept}", file=sys.stderr, flush=True)
                 return EXIT_DIVERGED
         if preempted:
-            print(f"preempted (SIGTERM): saved checkpoint step {step}; exiting", flush=True)
+            if process_index == 0:
+                print(f"preempted (SIGTERM): saved checkpoint step {step}; exiting", flush=True)
             return 0
         if eval_metrics is None:
             eval_metrics = loop.run_eval(step)
@@ -282,9 +284,10 @@ def train(config: ConfigDict, workdir: str, mesh, task: Task) -> int:
             headline = ("loss", "loss_repeat", "loss_unique", "bits_per_base", "accuracy", "mcc", "f1_macro")
             summary = ", ".join(f"{k} {eval_metrics[k]:.4f}" for k in headline if k in eval_metrics)
             print(f"done: step {step}; eval {summary}", flush=True)
-        loop.logger.close()
         return 0
     finally:
+        if loop is not None:
+            loop.logger.close()
         checkpoints.close()
 
 
