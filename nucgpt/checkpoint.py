@@ -115,6 +115,17 @@ def _config_mismatch(config: ConfigDict, step_dir: epath.Path) -> str | None:
     return "; ".join(differences) or None
 
 
+def divergence_report(bad_step: int, saved_steps: list[int], directory) -> str:
+    """Which checkpoints are good after `bad_step` went non-finite: step S is known good once step
+    S + 1 ran finite from it, so a checkpoint just before the bad step holds the parameters that diverged."""
+    good = [s for s in saved_steps if s < bad_step - 1]
+    report = f"the last good checkpoint is step {good[-1]} in {directory}" if good else "no good checkpoint is kept"
+    if bad_step - 1 in saved_steps:
+        report += (f"; checkpoint step {bad_step - 1} holds the parameters step {bad_step} diverged from: "
+                   f"delete {directory / str(bad_step - 1)} before resuming")
+    return report
+
+
 class Checkpoints:
     """Save / resume for one workdir. All processes call every method (orbax coordinates them)."""
 

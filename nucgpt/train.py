@@ -25,7 +25,7 @@ from ml_collections import ConfigDict, config_flags
 
 from nucgpt import config as config_lib
 from nucgpt import diagnostics, distributed, sharding
-from nucgpt.checkpoint import Checkpoints, latest_step_dir, save_config
+from nucgpt.checkpoint import Checkpoints, divergence_report, latest_step_dir, save_config
 from nucgpt.errors import UserError, exits_cleanly_on_user_error, parse_flags, start_main
 from nucgpt.files import check_can_create
 from nucgpt.flops import Throughput, batch_tokens
@@ -47,17 +47,6 @@ class Diverged(Exception):
     def __init__(self, step: int, message: str):
         super().__init__(message)
         self.step = step
-
-
-def divergence_report(error: Diverged, saved_steps: list[int], directory) -> str:
-    """Which checkpoints are good: step S is known good once step S + 1 ran finite from it, so the
-    checkpoint just before the bad step holds the parameters that diverged."""
-    good = [s for s in saved_steps if s < error.step - 1]
-    report = f"the last good checkpoint is step {good[-1]} in {directory}" if good else "no good checkpoint is kept"
-    if error.step - 1 in saved_steps:
-        report += (f"; checkpoint step {error.step - 1} holds the parameters step {error.step} diverged from: "
-                   f"delete {directory / str(error.step - 1)} before resuming")
-    return report
 
 
 def _add(total: dict | None, stats: Mapping[str, np.ndarray]) -> dict:
@@ -270,7 +259,7 @@ def train(config: ConfigDict, workdir: str, mesh, task: Task) -> int:
                 step, eval_metrics, preempted = loop.run()
             except Diverged as e:
                 checkpoints.wait()
-                kept = divergence_report(e, checkpoints.all_steps(), checkpoints.directory)
+                kept = divergence_report(e.step, checkpoints.all_steps(), checkpoints.directory)
                 print(f"error: training diverged: {e}; stopped without saving; {kept}", file=sys.stderr, flush=True)
                 return EXIT_DIVERGED
         if preempted:

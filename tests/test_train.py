@@ -214,14 +214,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(genome, tmp_pa
 
 
 def test_the_checkpoint_a_divergence_started_from_is_not_called_good():
-    from nucgpt.train import Diverged, divergence_report
+    from nucgpt.checkpoint import divergence_report
 
     where = pathlib.Path("/w/checkpoints")
-    report = divergence_report(Diverged(7, "non-finite loss at step 7"), [2, 4, 6], where)
+    report = divergence_report(7, [2, 4, 6], where)
     assert report == ("the last good checkpoint is step 4 in /w/checkpoints; checkpoint step 6 holds the parameters "
                       "step 7 diverged from: delete /w/checkpoints/6 before resuming")
-    assert divergence_report(Diverged(9, ""), [2, 4, 6], where) == "the last good checkpoint is step 6 in /w/checkpoints"
-    assert divergence_report(Diverged(3, ""), [2], where).startswith("no good checkpoint is kept; checkpoint step 2 holds")
+    assert divergence_report(9, [2, 4, 6], where) == "the last good checkpoint is step 6 in /w/checkpoints"
+    assert divergence_report(3, [2], where).startswith("no good checkpoint is kept; checkpoint step 2 holds")
 
 
 def test_dry_run_of_the_500m_preset_compiles_without_allocating(tmp_path):
