@@ -101,6 +101,9 @@ def problems(
     for key in PROBABILITIES:
         if _has(config, key) and key not in nonfinite and not 0 <= get(config, key) <= 1:
             out.append(f"{key}: must lie in [0, 1], got {get(config, key)}")
+    if _has(config, "classify.test_fraction") and "classify.test_fraction" not in nonfinite:
+        if not 0 < config.classify.test_fraction < 1:
+            out.append(f"classify.test_fraction: must lie in (0, 1), got {config.classify.test_fraction}")
     if _has(config, "mesh.logical_axis_rules"):
         out.extend(_rule_problems(config.mesh.logical_axis_rules))
     if out:

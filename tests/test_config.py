@@ -102,8 +102,10 @@ FILES = {"syntax.py": "def get_config(:\n", "no_get.py": "x = 1\n", "a_file": ""
         (["--config", "{tmp}/syntax.py"], "error: --config {tmp}/syntax.py:1: invalid syntax"),
         (["--config", "{tmp}/no_get.py"], "error: --config: the config file defines no get_config() function"),
         (["--config", "configs/pretrain.py:demo", "--workdir", "{tmp}/a_file/w"], "error: --workdir {tmp}/a_file/w: {tmp}/a_file is a file, not a folder"),
+        (["--config", "configs/finetune.py:demo", "--config.classify.test_fraction=1.5"], "error: classify.test_fraction: must lie in (0, 1)"),
     ],
-    ids=["unknown-key", "unknown-preset", "batch-vs-devices", "no-manifest", "no-config-file", "config-syntax", "no-get-config", "workdir-under-a-file"],
+    ids=["unknown-key", "unknown-preset", "batch-vs-devices", "no-manifest", "no-config-file", "config-syntax", "no-get-config",
+         "workdir-under-a-file", "finetune-fraction"],
 )
 def test_command_line_errors_are_one_line_exit_2(args, message, tmp_path):
     for name, text in FILES.items():
@@ -113,4 +115,4 @@ def test_command_line_errors_are_one_line_exit_2(args, message, tmp_path):
     lines = [l for l in result.stderr.splitlines() if l.strip()]
     assert lines[-1].startswith(message.format(tmp=tmp_path)), result.stderr[-2000:]
     assert "Traceback" not in result.stderr
-    assert not (tmp_path / "w" / "checkpoints").exists()
+    assert not (tmp_path / "w").exists()  # refused before anything is written (not even generated data)
