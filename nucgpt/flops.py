@@ -3,7 +3,8 @@ throughput meter that divides them.
 
 Counted: every matmul, times 6 for training (2 forward, 4 backward: gradients of activations and
 of weights). Not counted: norms, softmax, activations, rotary embeddings, the embedding lookup
-(a gather) and the optimizer — together a few percent at the published shape.
+(a gather, or a one-hot matmul of 6·V·D per token where `embedding_lookup` picks it: 74k of 3.62G
+for the 500M preset) and the optimizer — together a few percent at the published shape.
 """
 
 from __future__ import annotations

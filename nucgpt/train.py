@@ -153,6 +153,8 @@ class Loop:
                 batch = self.trainer.global_batch(next(self.train_iterator))
                 with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
                     self.state, metrics = self.trainer.train_step(self.state, batch)
+                if run_step == 1:  # the first call compiled before it dispatched: keep that out of tokens/s and MFU
+                    self.throughput.restart(step)
                 step += 1
                 self.profiler.after_step(run_step, metrics)
                 if pending is not None:

@@ -56,6 +56,9 @@ def test_auto_falls_back_to_xla_where_the_kernel_cannot_run():
     assert attention.select_backend("auto", 1024, 128, 512, 512, "tpu") == "splash"
     assert attention.select_backend("auto", 64, 128, 512, 512, "tpu") == "xla"
     assert attention.select_backend("auto", 1024, 12, 512, 512, "gpu") == "xla"
+    assert attention.select_backend("auto", 1024, 128, 512, 512, "gpu", compute_dtype="bfloat16") == "cudnn"
+    assert attention.select_backend("auto", 1024, 128, 512, 512, "gpu", compute_dtype="float32") == "xla"  # 16-bit only
+    assert attention.select_backend("cudnn", 1024, 128, 512, 512, "gpu", compute_dtype="float32") == "cudnn"
     with pytest.raises(UserError, match="splash attention"):
         attention.select_backend("splash", 64, 128, 512, 512, "tpu")
 

@@ -86,11 +86,15 @@ def check_shapes(backend: str, seq_len: int, head_dim: int, block_q: int, block_
 
 
 def select_backend(
-    name: str, seq_len: int, head_dim: int, block_q: int, block_kv: int, platform: str | None = None
+    name: str, seq_len: int, head_dim: int, block_q: int, block_kv: int, platform: str | None = None,
+    compute_dtype: str | None = None,
 ) -> str:
     """The backend to run. `auto` falls back to xla for shapes its platform's kernel cannot take
-    (e.g. a 64-token fine-tuning bucket on TPU); a named backend's unsupported shape is a UserError."""
+    (e.g. a 64-token fine-tuning bucket on TPU) and, on GPU, for float32 compute (cuDNN's fused
+    attention takes 16-bit inputs only); a named backend's unsupported shape is a UserError."""
     backend = resolve_backend(name, platform)
+    if name == "auto" and backend == "cudnn" and compute_dtype == "float32":
+        return "xla"
     try:
         check_shapes(backend, seq_len, head_dim, block_q, block_kv)
     except UserError:
@@ -152,11 +156,13 @@ def masked_attention(q_BxLxHxK, k, v, mask_BxLxM: jax.Array, *, kv_layout: str) 
 
 
 def _cudnn(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK):
-    """cuDNN fused attention: bfloat16 in, causal; q is pre-scaled so scale=1."""
+    """cuDNN fused attention, causal; q is pre-scaled so scale=1. It takes bfloat16 or float16 as
+    they are; float32 (only with model.attention=cudnn named: `auto` runs xla there) goes in as bfloat16."""
+    dtype = q_BxLxHxK.dtype if q_BxLxHxK.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16
     out_BxLxHxK = jax.nn.dot_product_attention(
-        q_BxLxHxK.astype(jnp.bfloat16),
-        k_BxLxGxK.astype(jnp.bfloat16),
-        v_BxLxGxK.astype(jnp.bfloat16),
+        q_BxLxHxK.astype(dtype),
+        k_BxLxGxK.astype(dtype),
+        v_BxLxGxK.astype(dtype),
         scale=1.0,
         is_causal=True,
         implementation="cudnn",

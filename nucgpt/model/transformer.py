@@ -207,7 +207,8 @@ Cache = list[LayerCache]  # one per layer, scanned or not: decoding runs the lay
 def _attention_backend(cfg: ml_collections.ConfigDict, seq_len: int) -> str:
     """The backend `model.attention` runs at this length (`auto` falls back where its kernel cannot)."""
     return attention.select_backend(
-        cfg.attention, seq_len, cfg.head_dim, cfg.get("splash_block_q", 512), cfg.get("splash_block_kv", 512)
+        cfg.attention, seq_len, cfg.head_dim, cfg.get("splash_block_q", 512), cfg.get("splash_block_kv", 512),
+        compute_dtype=cfg.get("compute_dtype"),
     )
 
 
