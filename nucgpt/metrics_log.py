@@ -37,6 +37,10 @@ def _step_of(line: str) -> int:
         return 2**63
 
 
+def _is_eval(line: str) -> bool:
+    return any(key.startswith("eval_") for key in json.loads(line))
+
+
 def _finite(value) -> float | None:
     if value is None:
         return None
@@ -47,10 +51,12 @@ def _finite(value) -> float | None:
 class MetricsLogger:
     """`log(step, metrics)` → one TensorBoard scalar per key, one metrics.jsonl line, one console line."""
 
-    def __init__(self, workdir: str, enabled: bool = True, start_step: int | None = None):
+    def __init__(self, workdir: str, enabled: bool = True, start_step: int | None = None, evaluates_start: bool = False):
         """`start_step`: the step the run restarts from (its checkpoint's). What an earlier run logged
         after it was lost with that run: metrics.jsonl drops those lines, and TensorBoard is told
-        to (a SessionLog.START event), so a resumed run does not log steps twice."""
+        to (a SessionLog.START event), so a resumed run does not log steps twice. `evaluates_start`:
+        this run evaluates at start_step again (eval_only, or a finished run rerun), so an earlier
+        eval line at that step goes too."""
         self.enabled = enabled
         if not enabled:
             return
@@ -58,12 +64,13 @@ class MetricsLogger:
         self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
         self._tb = EventFileWriter(os.path.join(workdir, "tensorboard"))
         if start_step is not None:
-            self._forget_after(start_step)
+            self._forget_after(start_step, evaluates_start)
 
-    def _forget_after(self, step: int) -> None:
+    def _forget_after(self, step: int, evaluates_start: bool) -> None:
         if self.jsonl_path.exists():
             lines = self.jsonl_path.read_text().splitlines(keepends=True)
-            kept = [line for line in lines if _step_of(line) <= step]
+            kept = [line for line in lines
+                    if _step_of(line) < step or _step_of(line) == step and not (evaluates_start and _is_eval(line))]
             if len(kept) < len(lines):
                 partial = self.jsonl_path.with_name(self.jsonl_path.name + ".tmp")
                 partial.write_text("".join(kept))

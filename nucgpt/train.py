@@ -106,7 +106,9 @@ class Loop:
     def __init__(self, trainer: Trainer, workdir: str, checkpoints: Checkpoints, train_iterator, state):
         self.trainer, self.config, self.task = trainer, trainer.config, trainer.task
         self.workdir, self.checkpoints, self.train_iterator, self.state = workdir, checkpoints, train_iterator, state
-        self.logger = MetricsLogger(workdir, enabled=jax.process_index() == 0, start_step=int(jax.device_get(state["step"])))
+        start = int(jax.device_get(state["step"]))
+        self.logger = MetricsLogger(workdir, enabled=jax.process_index() == 0, start_step=start,
+                                    evaluates_start=bool(self.config.eval_only) or start >= self.config.train.steps)
         self.profiler = diagnostics.StepProfiler(trainer.config.diagnostics, f"{workdir.rstrip('/')}/tensorboard", enabled=jax.process_index() == 0)
         self.window: dict | None = None
         self.last_saved = checkpoints.latest_step()
@@ -251,8 +253,8 @@ def train(config: ConfigDict, workdir: str, mesh, task: Task) -> int:
             state = trainer.init_state()
             if process_index == 0:
                 print(f"no checkpoint in {checkpoints.directory}: training from a fresh initialisation", flush=True)
-        if process_index == 0:  # after the restore: a config that does not match the checkpoints never replaces theirs
-            save_config(workdir, config)
+        if process_index == 0 and not config.eval_only:  # after the restore: a config that does not match the
+            save_config(workdir, config)  # checkpoints never replaces theirs; an evaluation leaves the run's as it is
         loop = Loop(trainer, workdir, checkpoints, train_iterator, state)
         if config.eval_only:
             step, eval_metrics, preempted = int(jax.device_get(state["step"])), loop.run_eval(int(jax.device_get(state["step"]))), False

@@ -97,7 +97,7 @@ FILES = {"syntax.py": "def get_config(:\n", "no_get.py": "x = 1\n", "a_file": ""
         (["--config", "configs/pretrain.py:demo", "--config.train.stepz=3"], "error: unknown config key train.stepz (did you mean train.steps?)"),
         (["--config", "configs/pretrain.py:nope"], "error: unknown preset 'nope'"),
         (["--config", "configs/pretrain.py:demo", "--config.train.global_batch_size=12"], "error: train.global_batch_size: 12"),
-        (["--config", "configs/pretrain.py:demo", "--config.data.synthetic_bp=0", "--config.data.path=/nonexistent"], "error: /nonexistent: no manifest.json"),
+        (["--config", "configs/pretrain.py:demo", "--config.data.path=/nonexistent"], "error: /nonexistent: no manifest.json"),  # never generated into
         (["--config", "configs/nothere.py:demo"], "error: --config configs/nothere.py: cannot read the config file (No such file or directory)"),
         (["--config", "{tmp}/syntax.py"], "error: --config {tmp}/syntax.py:1: invalid syntax"),
         (["--config", "{tmp}/no_get.py"], "error: --config: the config file defines no get_config() function"),

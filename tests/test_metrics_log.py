@@ -28,3 +28,29 @@ def test_disabled_logger_writes_nothing(tmp_path):
     logger.log(1, {"loss": 1.0})
     logger.close()
     assert not (tmp_path / "w").exists()
+
+
+def test_a_restarted_run_forgets_what_came_after_its_checkpoint(tmp_path, capsys):
+    first = MetricsLogger(str(tmp_path))
+    for step in (10, 20, 30):
+        first.log(step, {"loss": float(step)})
+    first.log(20, {"eval_loss": 2.0})
+    first.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 40, "lo')  # cut short by the crash
+    resumed = MetricsLogger(str(tmp_path), start_step=20)  # resumed from checkpoint 20: steps 30, 40 are redone
+    resumed.log(30, {"loss": 3.5})
+    resumed.close()
+    steps = [(l["step"], sorted(l)) for l in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())]
+    assert steps == [(10, ["loss", "step"]), (20, ["loss", "step"]), (20, ["eval_loss", "step"]), (30, ["loss", "step"])]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(10, 10.0), (20, 20.0), (30, 3.5)]  # 30.0 purged
+
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 30, "eval_loss": 9.9}) + "\n")  # the finished run's final eval
+    again = MetricsLogger(str(tmp_path), start_step=30, evaluates_start=True)  # a finished run, rerun: evaluates 30 again
+    again.log(30, {"eval_loss": 1.5})
+    again.close()
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [l for l in lines if l["step"] == 30] == [{"step": 30, "loss": 3.5}, {"step": 30, "eval_loss": 1.5}]

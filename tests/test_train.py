@@ -154,7 +154,8 @@ def test_eval_only_without_a_checkpoint_is_a_user_error(genome, tmp_path):
 
 
 def test_the_dataset_is_checked_against_the_run_before_training(genome, capsys):
-    """A missing eval split or windows shorter than a row fail before the first step, naming the field."""
+    """A missing eval split fails before the first step, naming the field; windows that do not fit
+    the rows get a note (a row one token short, as 8,192 bp windows at seq_len 8192, gets none)."""
     sys.path.insert(0, str(REPO / "configs"))
     import pretrain as presets
 
@@ -162,9 +163,10 @@ def test_the_dataset_is_checked_against_the_run_before_training(genome, capsys):
     from nucgpt.tasks import get_task
 
     task, config = get_task("pretrain"), presets.get_config("demo")
-    config.data.update(path=genome, synthetic_bp=0)
-    config.train.seq_len = 64  # the fixture's 65 bp windows: exactly a row
-    task.validate(config)
+    config = task.resolve_config(config.copy_and_resolve_references(), "/unused")
+    config.data.path = genome
+    config = task.resolve_config(config, "/unused")
+    assert config.data.synthetic_bp == 0  # a given path never gets a genome generated into it
     config.model.kind = "cnn"
     with pytest.raises(UserError, match=r"^model.kind: 'cnn'; pretraining trains a transformer"):
         task.validate(config)
@@ -172,13 +174,19 @@ def test_the_dataset_is_checked_against_the_run_before_training(genome, capsys):
     config.data.eval_split = "test"
     with pytest.raises(UserError, match=r"^data.eval_split: .* has no 'test' records \(splits: train=\d+, valid=\d+, test=0\)"):
         task.validate(config)
-    config.data.eval_split, config.train.seq_len = "valid", 128
-    with pytest.raises(UserError, match=r"^train.seq_len: 128 tokens read 129 bp per row, but .* holds 65 bp windows"):
+    config.data.eval_split = "valid"
+    notes = {}
+    for seq_len in (64, 65, 128, 32):  # the fixture's windows are 65 bp
+        config.train.seq_len = seq_len
+        capsys.readouterr()
         task.validate(config)
-    config.train.seq_len = 32
-    capsys.readouterr()
-    task.validate(config)
-    assert "holds 65 bp windows; a row of train.seq_len 32 tokens reads the first 33 bp of each" in capsys.readouterr().out
+        notes[seq_len] = capsys.readouterr().out
+    assert notes[64] == notes[65] == ""
+    assert "65 bp windows give 65 of a row's 129 tokens (50% padding); windows of 129 bp fill a row" in notes[128]
+    assert "65 bp windows; a row of train.seq_len 32 tokens reads the first 33 bp of each" in notes[32]
+    kmer = presets.get_config("kmer6_nonoverlap")  # the preset's 8,192 bp windows: 1,366 of 1,537 tokens
+    assert task.window_note(kmer, 8192).startswith("8192 bp windows give 1366 of a row's 1537 tokens (11% padding)")
+    assert task.window_note(presets.get_config("nucleotide_gpt_500m"), 8192) is None
 
 
 def test_sigterm_saves_and_exits_zero(genome, tmp_path):

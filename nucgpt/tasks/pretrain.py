@@ -32,8 +32,12 @@ def bases_per_token(config: ConfigDict) -> int:
 
 class PretrainTask(Task):
     def resolve_config(self, config: ConfigDict, workdir: str) -> ConfigDict:
-        if not config.data.path and config.data.synthetic_bp > 0:
-            with config.unlocked():
+        """An empty data.path with synthetic_bp > 0 means the generated genome in the workdir; a
+        given path never has a genome generated into it (it must hold a prepared dataset)."""
+        with config.unlocked():
+            if config.data.path:
+                config.data.synthetic_bp = 0
+            elif config.data.synthetic_bp > 0:
                 config.data.path = os.path.join(workdir, "data")
         return config
 
@@ -69,8 +73,8 @@ class PretrainTask(Task):
         return tokens + tokenizer.k - 1 if tokenizer.overlap else tokens * tokenizer.k
 
     def validate(self, config: ConfigDict) -> None:
-        """Runs after `prepare_data`: the dataset exists, holds both splits the run reads, and its
-        windows are as long as a row needs."""
+        """Runs after `prepare_data`: the dataset exists and holds both splits the run reads; a note
+        says when its windows and the rows do not match."""
         if config.model.get("kind", "transformer") != "transformer":
             raise UserError(f"model.kind: {config.model.kind!r}; pretraining trains a transformer (the CNN is a "
                             "fine-tuning baseline: configs/finetune.py)")
@@ -83,15 +87,24 @@ class PretrainTask(Task):
         for split, field in (("train", "data.path"), (config.data.eval_split, "data.eval_split")):
             if not manifest["splits"].get(split, {}).get("records"):
                 raise UserError(f"{field}: {config.data.path} has no {split!r} records (splits: {counts})")
-        window, needed = manifest["options"]["window"], self.window_bp(config)
-        if all(source["kind"] == "fasta" for source in manifest["sources"]) and window != needed:
-            if window < needed:
-                raise UserError(f"train.seq_len: {config.train.seq_len} tokens read {needed} bp per row, but "
-                                f"{config.data.path} holds {window} bp windows (rows would be part padding); "
-                                f"prepare it with --window {needed} or lower train.seq_len")
-            if jax.process_index() == 0:
-                print(f"note: {config.data.path} holds {window} bp windows; a row of train.seq_len "
-                      f"{config.train.seq_len} tokens reads the first {needed} bp of each", flush=True)
+        if all(source["kind"] == "fasta" for source in manifest["sources"]) and jax.process_index() == 0:
+            note = self.window_note(config, manifest["options"]["window"])
+            if note:
+                print(f"note: {config.data.path}: {note}", flush=True)
+
+    def window_note(self, config: ConfigDict, window: int) -> str | None:
+        """What a row makes of the dataset's windows, when it is more than the last target missing:
+        windows much shorter than a row are part padding; longer ones are read only at their start."""
+        needed = self.window_bp(config)
+        tokenizer = get_tokenizer(config.data.tokenizer, pad_multiple=1)
+        tokens = len(tokenizer.encode(b"A" * window)[0])  # a full window's tokens, unpadded
+        row = config.train.seq_len + 1
+        if tokens < row - 1:
+            return (f"{window} bp windows give {tokens} of a row's {row} tokens ({1 - tokens / row:.0%} padding); "
+                    f"windows of {needed} bp fill a row")
+        if window > needed:
+            return f"{window} bp windows; a row of train.seq_len {config.train.seq_len} tokens reads the first {needed} bp of each"
+        return None
 
     def build_model(self, config: ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
         from nucgpt.model import Transformer
