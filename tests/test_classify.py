@@ -119,7 +119,7 @@ def test_a_tokenizer_that_differs_from_the_checkpoint_is_a_clear_error(tmp_path,
     with pytest.raises(UserError, match=r"a 'classify' checkpoint; fine-tuning starts from a pretraining one"):
         TASK.validate(config)
     config.init_from = str(tsv_table)  # a file, not a checkpoint
-    with pytest.raises(UserError, match=r"^init_from .*: .* \(want a pretraining workdir or checkpoint step folder\)"):
+    with pytest.raises(UserError, match=r"^init_from .*: is a file; give a workdir, its checkpoints/ or a step folder"):
         TASK.validate(config)
 
 
