@@ -54,6 +54,23 @@ def atomic_file(path: str, mode: str = "w") -> Iterator[IO]:
             os.unlink(tmp)
 
 
+def check_input_file(path: str, flag: str) -> None:
+    """`path` is an existing file; a folder or a missing path is one line naming `flag`."""
+    if not os.path.isfile(path):
+        raise UserError(f"{flag} {path}: {'is a folder' if os.path.isdir(path) else 'no such file'}")
+
+
+def sibling_tmp_folder(out_dir: str) -> str:
+    """A fresh hidden folder beside `out_dir` (its parent made) to write into before `replace_folder`;
+    made with the umask's mode, as every other output (mkdtemp's would be private, 0700)."""
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp_dir = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    os.makedirs(tmp_dir)
+    return tmp_dir
+
+
 def replace_folder(tmp_dir: str, out_dir: str) -> None:
     """Moves a finished folder into place; an old one (with --overwrite) goes only after that."""
     old = None

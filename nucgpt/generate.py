@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
 import re
 import time
 from typing import Sequence
@@ -32,7 +31,7 @@ from ml_collections import ConfigDict
 from nucgpt import pretrained, sharding
 from nucgpt.data.fasta import read_records
 from nucgpt.errors import UserError, exits_cleanly_on_user_error, parse_flags, start_main
-from nucgpt.files import atomic_file, check_can_create
+from nucgpt.files import atomic_file, check_can_create, check_input_file
 from nucgpt.model import Transformer
 from nucgpt.tokenizers import KMER_UNK_ID, PAD_ID, Tokenizer, get_tokenizer
 
@@ -66,8 +65,7 @@ def check_prompt(prompt: str) -> None:
 
 def read_prompt_fasta(path: str) -> str:
     """The sequence of the single record in FASTA file `path` (IUPAC codes read as N)."""
-    if not os.path.isfile(path):
-        raise UserError(f"--prompt_fasta {path}: {'is a folder' if os.path.isdir(path) else 'no such file'}")
+    check_input_file(path, "--prompt_fasta")
     records = list(read_records(path))
     if len(records) != 1:
         raise UserError(f"--prompt_fasta {path}: holds {len(records)} records; give a file with one (the prompt)")

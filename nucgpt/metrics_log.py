@@ -69,8 +69,8 @@ class MetricsLogger:
     def _forget_after(self, step: int, evaluates_start: bool) -> None:
         if self.jsonl_path.exists():
             lines = self.jsonl_path.read_text().splitlines(keepends=True)
-            kept = [line for line in lines
-                    if _step_of(line) < step or _step_of(line) == step and not (evaluates_start and _is_eval(line))]
+            kept = [line for line in lines if (logged := _step_of(line)) < step
+                    or logged == step and not (evaluates_start and _is_eval(line))]
             if len(kept) < len(lines):
                 partial = self.jsonl_path.with_name(self.jsonl_path.name + ".tmp")
                 partial.write_text("".join(kept))

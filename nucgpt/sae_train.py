@@ -47,7 +47,7 @@ from nucgpt import loss as lm_loss
 from nucgpt.data import records
 from nucgpt.data.pipeline import BATCH_KEYS, LmExample, make_lm_iterator, read_manifest
 from nucgpt.errors import UserError, exits_cleanly_on_user_error, parse_flags, start_main
-from nucgpt.files import check_can_create, check_replaceable, replace_folder
+from nucgpt.files import check_can_create, check_replaceable, replace_folder, sibling_tmp_folder
 from nucgpt.tasks.pretrain import bases_per_token
 from nucgpt.tokenizers import BASES, PAD_ID, Tokenizer, base_codes, get_tokenizer
 
@@ -517,10 +517,7 @@ def _strict_json(value):
 def write_output(output: str, params: dict, meta: dict, features: list[dict], text: str) -> None:
     """Writes into a hidden sibling folder, then renames it to `output` (an old one goes only after that)."""
     output = os.path.abspath(output)
-    os.makedirs(os.path.dirname(output), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(output), f".{os.path.basename(output)}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)  # the umask's mode, as every other output (mkdtemp's would be private, 0700)
+    tmp = sibling_tmp_folder(output)
     try:
         np.savez(os.path.join(tmp, "params.npz"), **{k: np.asarray(v) for k, v in params.items()})
         with open(os.path.join(tmp, "sae.json"), "w") as f:

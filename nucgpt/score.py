@@ -38,7 +38,7 @@ from nucgpt import pretrained, sharding
 from nucgpt.data.classification import assign_buckets, bucket_lengths
 from nucgpt.data import fasta as fasta_io
 from nucgpt.errors import UserError, exits_cleanly_on_user_error, parse_flags, start_main
-from nucgpt.files import atomic_file, check_can_create
+from nucgpt.files import atomic_file, check_can_create, check_input_file
 from nucgpt.tasks.pretrain import bases_per_token
 from nucgpt.tokenizers import PAD_ID, Tokenizer, get_tokenizer
 
@@ -57,8 +57,7 @@ class Record:
 
 def read_records(path: str) -> Iterator[Record]:
     """Each FASTA record, whole, in file order (IUPAC codes read as N)."""
-    if not os.path.isfile(path):
-        raise UserError(f"--fasta {path}: {'is a folder' if os.path.isdir(path) else 'no such file'}")
+    check_input_file(path, "--fasta")
     return (Record(name, bases) for name, bases in fasta_io.read_records(path))
 
 

@@ -26,7 +26,7 @@ from absl import app, flags
 
 from nucgpt.data import fasta, records
 from nucgpt.errors import UserError, exits_cleanly_on_user_error, parse_flags
-from nucgpt.files import check_can_create, check_replaceable, replace_folder
+from nucgpt.files import check_can_create, check_replaceable, replace_folder, sibling_tmp_folder
 
 SPLITS = ("train", "valid", "test")
 DEFAULT_INCLUDE = r".*"
@@ -197,12 +197,8 @@ def prepare(
                    test_chroms=list(test_chroms), include=include, exclude=exclude,
                    records_per_shard=records_per_shard)
 
-    parent = os.path.dirname(out_dir)
-    created = _first_missing(parent)  # folders this run makes: removed again if it fails
-    os.makedirs(parent, exist_ok=True)
-    tmp_dir = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    os.makedirs(tmp_dir)
+    created = _first_missing(os.path.dirname(out_dir))  # folders this run makes: removed again if it fails
+    tmp_dir = sibling_tmp_folder(out_dir)
     split_of = {**{c: "valid" for c in valid_chroms}, **{c: "test" for c in test_chroms}}
     sink = _Sink(tmp_dir, records_per_shard, max_n, lambda c: _split(c, split_of, include_re, exclude_re))
     bar = _Progress(progress)
