@@ -23,14 +23,15 @@ from absl import app, flags
 
 from nucgpt import flops
 from nucgpt.model import attention
+from nucgpt.errors import parse_flags
 
-flags.DEFINE_integer("batch", 1, "batch rows")
-flags.DEFINE_integer("seq_len", 8192, "sequence length")
-flags.DEFINE_integer("heads", 8, "query heads")
-flags.DEFINE_integer("kv_heads", 8, "key/value heads (GQA when fewer than heads)")
-flags.DEFINE_integer("head_dim", 128, "head dimension")
+flags.DEFINE_integer("batch", 1, "batch rows", lower_bound=1)
+flags.DEFINE_integer("seq_len", 8192, "sequence length", lower_bound=1)
+flags.DEFINE_integer("heads", 8, "query heads", lower_bound=1)
+flags.DEFINE_integer("kv_heads", 8, "key/value heads (GQA when fewer than heads)", lower_bound=1)
+flags.DEFINE_integer("head_dim", 128, "head dimension", lower_bound=1)
 flags.DEFINE_float("tolerance", 2e-2, "largest relative error that passes")
-flags.DEFINE_integer("repeats", 5, "timed calls per backend (the median is reported)")
+flags.DEFINE_integer("repeats", 5, "timed calls per backend (the median is reported)", lower_bound=1)
 flags.DEFINE_bool("compare", True, "also run the xla reference and compare (it materialises the [S, S] scores: "
                   "~17 GB of float32 per 8 sequences of 8192 with 8 heads)")
 FLAGS = flags.FLAGS
@@ -99,4 +100,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

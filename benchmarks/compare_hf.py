@@ -13,6 +13,7 @@ placement stays LLaMA's pre-norm. MFU uses our model's FLOPs per token (`nucgpt.
 divide the same work by the same peak; the record carries both matmul parameter counts.
 """
 
+import importlib.util
 import time
 
 from absl import app, flags
@@ -71,12 +72,17 @@ def matmul_params(model) -> int:
 
 @exits_cleanly_on_user_error
 def main(argv):
-    del argv
-    import torch
-
+    if len(argv) > 1:
+        raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
     config = FLAGS.config
     if config is None:
         raise UserError("--config is required, e.g. --config configs/pretrain.py:nucleotide_gpt_500m")
+    report.check_timing_flags(FLAGS.steps, FLAGS.warmup, FLAGS.peak_tflops)
+    missing = [name for name in ("torch", "transformers") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UserError(f"compare_hf needs {' and '.join(missing)}, which are not installed (pip install torch transformers)")
+    import torch
+
     if config.get("task", "pretrain") != "pretrain":
         raise UserError("compare_hf times language-model pretraining only (config.task=pretrain)")
     model_cfg, train_cfg, optim_cfg = config.model, config.train, config.optim
@@ -128,7 +134,7 @@ def main(argv):
     step_times_s = report.time_steps(train_step, wait, FLAGS.steps, FLAGS.timing)
 
     device_kind = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    peak = FLAGS.peak_tflops * 1e12 if FLAGS.peak_tflops else flops.peak_flops_per_device(device_kind)
+    peak = report.device_peak(FLAGS.peak_tflops, flops.peak_flops_per_device, device_kind)
     report.emit(
         report.make_record(
             device_kind=device_kind,

@@ -21,18 +21,19 @@ from absl import app, flags
 from configs.pretrain import get_config
 from nucgpt.data import pipeline, synthetic
 from nucgpt.data.prepare import prepare
+from nucgpt.errors import parse_flags
 
 flags.DEFINE_string("data", "", "a prepared dataset (default: a generated one in the temp folder)")
-flags.DEFINE_integer("bp", 40_000_000, "size of the generated genome")
+flags.DEFINE_integer("bp", 40_000_000, "size of the generated genome", lower_bound=1)
 flags.DEFINE_string("tokenizer", "nucleotide", "nucleotide | kmer6_overlap | kmer6_nonoverlap")
-flags.DEFINE_integer("seq_len", 8192, "tokens per row")
-flags.DEFINE_integer("batch", 16, "global batch size (one process)")
-flags.DEFINE_integer("batches", 200, "timed batches per run")
-flags.DEFINE_integer("warmup", 5, "untimed batches per run")
-flags.DEFINE_integer("runs", 3, "timed runs; the median is reported")
-flags.DEFINE_integer("num_workers", 0, "Grain worker processes")
-flags.DEFINE_integer("prefetch", 2, "Grain prefetch buffer")
-flags.DEFINE_float("reverse_complement_prob", 0.5, "augmentation probability")
+flags.DEFINE_integer("seq_len", 8192, "tokens per row", lower_bound=1)
+flags.DEFINE_integer("batch", 16, "global batch size (one process)", lower_bound=1)
+flags.DEFINE_integer("batches", 200, "timed batches per run", lower_bound=1)
+flags.DEFINE_integer("warmup", 5, "untimed batches per run", lower_bound=0)
+flags.DEFINE_integer("runs", 3, "timed runs; the median is reported", lower_bound=1)
+flags.DEFINE_integer("num_workers", 0, "Grain worker processes", lower_bound=0)
+flags.DEFINE_integer("prefetch", 2, "Grain prefetch buffer", lower_bound=0)
+flags.DEFINE_float("reverse_complement_prob", 0.5, "augmentation probability", lower_bound=0.0, upper_bound=1.0)
 FLAGS = flags.FLAGS
 
 
@@ -74,4 +75,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -23,11 +23,12 @@ from typing import Sequence
 from absl import app, flags
 
 from nucgpt.data import synthetic
+from nucgpt.errors import parse_flags
 
 flags.DEFINE_string("fasta", "", "input FASTA (default: a generated synthetic genome of --bp bases)")
-flags.DEFINE_integer("bp", 200_000_000, "size of the generated genome")
-flags.DEFINE_integer("runs", 3, "timed runs; the median is reported")
-flags.DEFINE_integer("window", 8192, "prepare --window")
+flags.DEFINE_integer("bp", 200_000_000, "size of the generated genome", lower_bound=1)
+flags.DEFINE_integer("runs", 3, "timed runs; the median is reported", lower_bound=1)
+flags.DEFINE_integer("window", 8192, "prepare --window", lower_bound=1)
 FLAGS = flags.FLAGS
 
 
@@ -71,4 +72,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

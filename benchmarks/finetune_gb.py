@@ -20,6 +20,8 @@ import time
 
 from absl import app, flags
 
+from nucgpt.errors import parse_flags
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = ROOT / ".." / "shared" / "data"
 GENOMES = ("hg38_chr1_telomeric_90kb.fa", "hg19_chr10_1-110000.fa", "human_peaks_pseudo_genome_1.6mb.fa")
@@ -29,10 +31,10 @@ VARIANTS = ("cnn", "scratch", "pretrained")
 _OUT = flags.DEFINE_string("out", "/tmp/nucgpt_finetune_gb", "Folder for the prepared genome and every workdir.")
 _DATASETS = flags.DEFINE_list("datasets", list(DATASETS), "Tables under shared/data/genomic_benchmarks (no .tsv).")
 _VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), "Which of cnn, scratch, pretrained to run.")
-_PRETRAIN_STEPS = flags.DEFINE_integer("pretrain_steps", 300, "Pretraining steps of the small nucgpt.")
-_PRETRAIN_SEQ_LEN = flags.DEFINE_integer("pretrain_seq_len", 1024, "Pretraining window (covers every fine-tuning length).")
-_FINETUNE_STEPS = flags.DEFINE_integer("finetune_steps", 200, "Fine-tuning steps of every run.")
-_BATCH = flags.DEFINE_integer("batch", 32, "Global batch size of every fine-tuning run.")
+_PRETRAIN_STEPS = flags.DEFINE_integer("pretrain_steps", 300, "Pretraining steps of the small nucgpt.", lower_bound=1)
+_PRETRAIN_SEQ_LEN = flags.DEFINE_integer("pretrain_seq_len", 1024, "Pretraining window (covers every fine-tuning length).", lower_bound=1)
+_FINETUNE_STEPS = flags.DEFINE_integer("finetune_steps", 200, "Fine-tuning steps of every run.", lower_bound=1)
+_BATCH = flags.DEFINE_integer("batch", 32, "Global batch size of every fine-tuning run.", lower_bound=1)
 _MODEL = flags.DEFINE_string(
     "model", "d_model=64,num_layers=2,num_heads=4,num_kv_heads=4,head_dim=16,mlp_dim=256",
     "The small nucgpt, as model.<field>=<value> overrides shared by pretraining and fine-tuning.",
@@ -114,4 +116,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

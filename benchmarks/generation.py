@@ -28,10 +28,10 @@ FLAGS = flags.FLAGS
 def _define_flags() -> None:
     """Flags exist only when this module is the program, so importing it never clashes with others."""
     config_flags.DEFINE_config_file("config", None, "configs/pretrain.py:<preset>", lock_config=True)
-    flags.DEFINE_integer("samples", 16, "sequences sampled together (the batch)")
-    flags.DEFINE_integer("prompt_tokens", 16, "prompt length in tokens")
-    flags.DEFINE_integer("tokens", 1024, "tokens generated per sample")
-    flags.DEFINE_integer("runs", 3, "timed calls; the median is reported")
+    flags.DEFINE_integer("samples", 16, "sequences sampled together (the batch)", lower_bound=1)
+    flags.DEFINE_integer("prompt_tokens", 16, "prompt length in tokens", lower_bound=1)
+    flags.DEFINE_integer("tokens", 1024, "tokens generated per sample", lower_bound=1)
+    flags.DEFINE_integer("runs", 3, "timed calls; the median is reported", lower_bound=1)
     flags.mark_flag_as_required("config")
 
 

@@ -136,7 +136,7 @@ def xla_flops_per_step(compiled) -> float | None:
 
 
 def device_peak(device_kind: str) -> float | None:
-    return FLAGS.peak_tflops * 1e12 if FLAGS.peak_tflops else flops.peak_flops_per_device(device_kind)
+    return report.device_peak(FLAGS.peak_tflops, flops.peak_flops_per_device, device_kind)
 
 
 def common_fields(config: ConfigDict) -> dict[str, Any]:
@@ -338,8 +338,7 @@ def main(argv):
     config = FLAGS.config
     if config is None:
         raise UserError("--config is required, e.g. --config configs/pretrain.py:demo")
-    if FLAGS.steps < 1 or FLAGS.warmup < 0:
-        raise UserError("--steps must be at least 1 and --warmup at least 0")
+    report.check_timing_flags(FLAGS.steps, FLAGS.warmup, FLAGS.peak_tflops)
     if FLAGS.topology and not FLAGS.dry_run:
         raise UserError("--topology compiles for devices that are not here: it needs --dry_run")
     if FLAGS.dry_run:

@@ -345,8 +345,9 @@ def main(argv):
     config = FLAGS.config
     if config is None:
         raise UserError("--config is required, e.g. --config configs/pretrain.py:demo")
-    if FLAGS.steps < 1 or FLAGS.warmup < 0 or FLAGS.top < 0:
-        raise UserError("--steps must be at least 1, --warmup and --top at least 0")
+    report.check_timing_flags(FLAGS.steps, FLAGS.warmup, FLAGS.peak_tflops)
+    if FLAGS.top < 0:
+        raise UserError(f"--top must be at least 0, got {FLAGS.top}")
     trace_dir = Path(FLAGS.trace_dir or tempfile.mkdtemp(prefix="profile_step_"))
     trace_dir.mkdir(parents=True, exist_ok=True)
     try:

@@ -2,9 +2,12 @@
 peer), so their JSON lines and tables compare field for field. Pure Python: no jax, no torch."""
 
 import json
+import math
 import statistics
 import time
 from typing import Callable, Sequence
+
+from nucgpt.errors import UserError
 
 # The JSON keys the issue names, in print order; tools add their own keys after these.
 RECORD_KEYS = (
@@ -15,6 +18,19 @@ RECORD_KEYS = (
 
 
 TIMINGS = ("pipelined", "synchronous")
+
+
+def check_timing_flags(steps: int, warmup: int, peak_tflops: float | None) -> None:
+    """The flags every timing tool shares, checked before anything is built: one line each."""
+    if steps < 1 or warmup < 0:
+        raise UserError(f"--steps must be at least 1 and --warmup at least 0, got --steps={steps} --warmup={warmup}")
+    if peak_tflops is not None and not (math.isfinite(peak_tflops) and peak_tflops > 0):
+        raise UserError(f"--peak_tflops must be a positive number of TFLOP/s (an H100's dense bf16 is 989), got {peak_tflops}")
+
+
+def device_peak(peak_tflops: float | None, table_peak: Callable[[str], float | None], device_kind: str) -> float | None:
+    """FLOP/s of one device: `--peak_tflops` where given, else the table's (None where unknown)."""
+    return peak_tflops * 1e12 if peak_tflops is not None else table_peak(device_kind)
 
 
 def time_steps(

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import report
+from nucgpt.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 # The demo preset, shrunk further so each run compiles and steps in seconds on 8 virtual CPU devices.
@@ -65,11 +66,21 @@ def test_explicit_peak_gives_mfu_from_measured_flops(tmp_path):
     assert 0 < record["mfu"] < 1
 
 
-def test_bad_input_is_one_line_error(tmp_path):
-    proc, records = run_mfu(tmp_path, "--steps=0")
+@pytest.mark.parametrize("flag", ["--steps=0", "--peak_tflops=-1"])
+def test_bad_input_is_one_line_error(tmp_path, flag):
+    proc, records = run_mfu(tmp_path, flag)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: --steps")
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {flag.split('=')[0]} must be")
     assert records == []
+
+
+@pytest.mark.parametrize("peak", [0.0, -989.0, float("nan"), float("inf")])
+def test_a_peak_that_is_not_a_positive_number_is_refused(peak):
+    """An MFU from a zero, negative or non-finite peak would be invented (it printed -1.9% before)."""
+    with pytest.raises(UserError, match="--peak_tflops must be a positive number"):
+        report.check_timing_flags(10, 2, peak)
+    report.check_timing_flags(10, 2, 989.0)
+    report.check_timing_flags(10, 2, None)
 
 
 def test_pipelined_timing_queues_the_next_step_before_waiting():
