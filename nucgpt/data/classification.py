@@ -22,7 +22,9 @@ from nucgpt.errors import UserError
 
 SEQUENCE_COLUMN_NAMES = ("sequence", "seq", "sequences", "dna", "text")
 LABEL_COLUMN_NAMES = ("label", "labels", "class", "target", "y")
-_DNA = re.compile(r"^[ACGTNacgtn]+$")
+# ACGTN and the IUPAC ambiguity codes, either case; the codes read as N (prepare's policy, README).
+_DNA = re.compile(r"^[ACGTNRYKMSWBDHVacgtnrykmswbdhv]+$")
+_IUPAC_AS_N = str.maketrans("RYKMSWBDHVrykmswbdhv", "N" * 10 + "n" * 10)
 _INTEGER = re.compile(r"^-?\d+$")
 
 
@@ -133,7 +135,7 @@ def read_table(path: pathlib.Path) -> tuple[list[str], list[str]]:
 def _columns(rows: list[list[str]], path: pathlib.Path) -> tuple[int, int, bool]:
     """(sequence column, label column, has header): by header names, else by content."""
     names = [cell.strip().lower() for cell in rows[0]]
-    has_header = not any(_DNA.match(cell.strip()) for cell in rows[0])
+    has_header = not any(_is_dna(cell) for cell in rows[0])
     if has_header:
         sequence_column = next((i for i, n in enumerate(names) if n in SEQUENCE_COLUMN_NAMES), None)
         label_column = next((i for i, n in enumerate(names) if n in LABEL_COLUMN_NAMES), None)
@@ -143,18 +145,25 @@ def _columns(rows: list[list[str]], path: pathlib.Path) -> tuple[int, int, bool]
                 f"and a label column ({'/'.join(LABEL_COLUMN_NAMES)})"
             )
         return sequence_column, label_column, True
-    dna_columns = [i for i, cell in enumerate(rows[0]) if _DNA.match(cell.strip())]
+    dna_columns = [i for i, cell in enumerate(rows[0]) if _is_dna(cell)]
     other_columns = [i for i in range(len(rows[0])) if i not in dna_columns]
     if len(dna_columns) != 1 or not other_columns:
         raise UserError(f"{path}: without a header the first row must hold one DNA column and a label column")
     return dna_columns[0], other_columns[0], False
 
 
+def _is_dna(cell: str) -> bool:
+    """A sequence, not a column name: `dna` and `y` are spelt in IUPAC letters."""
+    cell = cell.strip()
+    return bool(_DNA.match(cell)) and cell.lower() not in SEQUENCE_COLUMN_NAMES + LABEL_COLUMN_NAMES
+
+
 def _checked_sequence(sequence: str, where: str) -> str:
+    """The sequence with IUPAC ambiguity codes as N (case kept), or one error naming the bad characters."""
     if not _DNA.match(sequence):
-        bad = sorted(set(sequence) - set("ACGTNacgtn")) or ["(empty)"]
-        raise UserError(f"{where}: sequence has characters other than ACGTN: {''.join(bad)[:20]}")
-    return sequence
+        bad = sorted(set(sequence) - set("ACGTNRYKMSWBDHVacgtnrykmswbdhv")) or ["(empty)"]
+        raise UserError(f"{where}: sequence has characters other than ACGTN and the IUPAC codes RYKMSWBDHV: {''.join(bad)[:20]}")
+    return sequence.translate(_IUPAC_AS_N)
 
 
 def _label_ids(label_texts: list[str], path: pathlib.Path) -> tuple[tuple[str, ...], np.ndarray]:
