@@ -181,3 +181,15 @@ def validate(
     found = problems(config, mesh_shape, process_count, platform)
     if found:
         raise UserError("; ".join(found) if len(found) > 1 else found[0])
+
+
+def notes(config: ConfigDict) -> list[str]:
+    """Settings that are valid but probably not what was meant: said once at start-up, never refused."""
+    out = []
+    warmup, steps = config.optim.warmup_steps, config.train.steps
+    if not config.get("eval_only") and warmup >= steps:
+        out.append(
+            f"optim.warmup_steps {warmup} >= train.steps {steps}: the learning rate rises for the whole run and "
+            f"never reaches optim.learning_rate {config.optim.learning_rate:g}"
+        )
+    return out

@@ -298,6 +298,9 @@ def main(argv) -> None:
     config = task.resolve_config(config, workdir)
     mesh = sharding.make_mesh(config.mesh)
     config_lib.validate(config, dict(mesh.shape), jax.process_count(), mesh_platform(mesh))
+    if jax.process_index() == 0:
+        for note in config_lib.notes(config):
+            print(f"note: {note}", flush=True)
     if _DRY_RUN.value:
         dry_run(config, mesh)
         return

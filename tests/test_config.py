@@ -23,6 +23,17 @@ MESH_8 = {"data": 1, "fsdp": 8, "tensor": 1}
 @pytest.mark.parametrize("preset", sorted(pretrain.PRESETS))
 def test_every_preset_is_valid(preset):
     assert config_lib.problems(pretrain.get_config(preset), MESH_8) == []
+    assert config_lib.notes(pretrain.get_config(preset)) == []
+
+
+def test_a_warmup_as_long_as_the_run_is_noted_not_refused():
+    config = demo()
+    config.train.steps = 30  # the demo warms up for 30 steps
+    assert config_lib.problems(config, MESH_8) == []
+    (note,) = config_lib.notes(config)
+    assert note.startswith("optim.warmup_steps 30 >= train.steps 30: the learning rate rises for the whole run")
+    config.eval_only = True  # an evaluation trains nothing
+    assert config_lib.notes(config) == []
 
 
 @pytest.mark.parametrize(
