@@ -103,6 +103,14 @@ def save_config(workdir: str, config: ConfigDict) -> None:
     partial.replace(path)
 
 
+def saved_config(workdir: str) -> dict | None:
+    """`<workdir>/config.json` as written by the run (None where there is none or it does not parse)."""
+    try:
+        return json.loads((epath.Path(workdir) / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _config_mismatch(config: ConfigDict, step_dir: epath.Path) -> str | None:
     """What in `config` differs from the config stored with a checkpoint step (None: nothing, or none stored)."""
     try:

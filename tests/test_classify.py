@@ -139,6 +139,20 @@ def test_summarize_writes_results_json(tmp_path, tsv_table):
     assert results["num_test"] == results["num_test_in_split"] == 24 and results["split_seed"] == 0
     assert results["accuracy"] == pytest.approx(19 / 24)
     assert {"mcc", "f1_macro", "f1_weighted"} <= results.keys()
+    assert results["init_from"] is None
+
+
+def test_an_evaluation_again_names_the_checkpoint_the_run_was_fine_tuned_from(tmp_path, tsv_table):
+    """`eval_only` restores the fine-tuned state without `init_from`; results.json still says where it began."""
+    from nucgpt.checkpoint import save_config
+
+    config = small_config(tsv_table)
+    config.init_from = "/runs/pretrain_500m"
+    save_config(str(tmp_path), config)  # as the fine-tuning run wrote it
+    config.init_from, config.eval_only = "", True
+    stats = {"ce": np.float32(6.0), "weight": np.float32(24.0), "confusion": np.array([[10.0, 2.0], [3.0, 9.0]])}
+    TASK.summarize(str(tmp_path), config, 40, TASK.finalize_metrics(stats, config))
+    assert json.loads((tmp_path / "results.json").read_text())["init_from"] == "/runs/pretrain_500m"
 
 
 def test_a_resumed_fine_tune_continues_exactly(tmp_path, tsv_trainer):

@@ -242,13 +242,23 @@ class ClassifyTask(Task):
             "model_kind": config.model.kind,
             "pooling": config.classify.pooling if config.model.kind == "transformer" else None,
             "freeze_trunk": bool(config.classify.freeze_trunk),
-            "init_from": config.init_from or None,
+            "init_from": _trained_from(workdir, config),
             "test_loss": float(eval_metrics["loss"]),
         }
         path = os.path.join(workdir, "results.json")
         with open(f"{path}.tmp", "w") as f:
             json.dump(results, f, indent=2)
         os.replace(f"{path}.tmp", path)
+
+
+def _trained_from(workdir: str, config: ConfigDict) -> str | None:
+    """The pretrained checkpoint the evaluated model was fine-tuned from: an `eval_only` run restores the
+    whole fine-tuned state and needs no `init_from`, so the training run's config.json says it."""
+    if config.init_from or not config.eval_only:
+        return config.init_from or None
+    from nucgpt import checkpoint
+
+    return (checkpoint.saved_config(workdir) or {}).get("init_from") or None
 
 
 def _with_norm_rows(batch: dict[str, np.ndarray], rows_normalise: bool) -> dict[str, np.ndarray]:
