@@ -56,6 +56,7 @@ _PEAK_BF16 = (
     ("v3", 61.5e12),
     ("h200", 989e12),
     ("h100 pcie", 756e12),
+    ("h100 nvl", 835e12),  # NVIDIA's sheet: 1,671 TFLOP/s with 2:4 sparsity
     ("h100", 989e12),
     ("a100", 312e12),
 )
