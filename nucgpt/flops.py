@@ -54,6 +54,7 @@ _PEAK_BF16 = (
     ("v5", 459e12),
     ("v4", 275e12),
     ("v3", 61.5e12),
+    ("h200 nvl", 835e12),  # as the H100 NVL: 1,671 TFLOP/s with 2:4 sparsity
     ("h200", 989e12),
     ("h100 pcie", 756e12),
     ("h100 nvl", 835e12),  # NVIDIA's sheet: 1,671 TFLOP/s with 2:4 sparsity

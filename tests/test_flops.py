@@ -28,7 +28,7 @@ def test_grouped_query_heads_shrink_only_k_and_v():
     "kind, peak",
     [("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5p", 459e12), ("TPU v6 lite", 918e12),
      ("TPU v3", 61.5e12), ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
-     ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA H200", 989e12), ("cpu", None)],
+     ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12), ("cpu", None)],
 )
 def test_peak_flops_table(kind, peak):
     assert flops.peak_flops_per_device(kind) == peak
