@@ -34,24 +34,37 @@ def absolute_path(path: str) -> epath.Path:
 
 
 class IteratorStateHandler(ocp.CheckpointHandler):
-    """Each process writes and reads its own iterator state (Grain `get_state()`, a dict or bytes).
+    """Each process writes and reads its own iterator state (Grain `get_state()`, a dict or bytes),
+    with the pipeline settings the position depends on (global batch size, data workers).
 
-    Like Grain's own orbax handler, but a layout written by a different process count is reported
-    (restore returns False) instead of failing, so a checkpoint still restores onto another shape.
+    Like Grain's own orbax handler, but a state the run cannot use is reported instead of failing the
+    restore (the parameters are fine): written by a different process count (no file for this
+    process), or by a different pipeline. A changed batch size converts a plain position (records
+    consumed are kept); other changes restart the data order. `restore` returns what happened.
     """
 
     def save(self, directory: epath.Path, args: "IteratorSave") -> None:
         state = args.iterator.get_state()
         payload = {"bytes": state.decode("latin-1")} if isinstance(state, bytes) else {"state": state}
-        (directory / _iterator_file()).write_text(json.dumps(payload))
+        (directory / _iterator_file()).write_text(json.dumps(payload | {"pipeline": args.pipeline}))
 
-    def restore(self, directory: epath.Path, args: "IteratorRestore") -> bool:
+    def restore(self, directory: epath.Path, args: "IteratorRestore") -> str:
         path = directory / _iterator_file()
         if not path.exists():
-            return False
+            return "missing"
         payload = json.loads(path.read_text())
-        args.iterator.set_state(payload["bytes"].encode("latin-1") if "bytes" in payload else payload["state"])
-        return True
+        state = payload["bytes"].encode("latin-1") if "bytes" in payload else payload["state"]
+        stored, current = payload.get("pipeline") or {}, args.pipeline
+        outcome = "restored"
+        if stored and current and stored != current:
+            state, outcome = _converted_position(state, stored, current)
+            if state is None:
+                return outcome
+        try:
+            args.iterator.set_state(state)
+        except Exception as e:  # noqa: BLE001 — a state from another pipeline; the iterator is still at its start
+            return f"could not be applied ({type(e).__name__}: {_first_line(e)})"
+        return outcome
 
     def metadata(self, directory: epath.Path) -> None:
         return None
@@ -67,16 +80,41 @@ def _iterator_file() -> str:
     return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
 
 
+def data_pipeline(config: ConfigDict | None) -> dict:
+    """The settings a saved data position depends on."""
+    if config is None:
+        return {}
+    return {"global_batch_size": config.train.global_batch_size, "num_workers": config.data.get("num_workers", 0)}
+
+
+def _converted_position(state: Any, stored: Mapping, current: Mapping) -> tuple[Any, str]:
+    """(state for the current pipeline, what was done), or (None, why not) when it cannot be converted.
+
+    A plain Grain position counts this process's batches; every process advances in step, so
+    `next_index` × global batch is the records consumed, whatever the process count's share.
+    """
+    changed = ", ".join(f"{key} {stored.get(key)} → {current.get(key)}" for key in current if stored.get(key) != current.get(key))
+    plain = isinstance(state, dict) and set(state) == {"next_index"}
+    if plain and stored.get("num_workers") == current.get("num_workers") == 0:
+        records = int(state["next_index"]) * int(stored["global_batch_size"])
+        next_index, repeated = divmod(records, int(current["global_batch_size"]))
+        note = f"converted ({changed}): {records:,} records consumed = batch {next_index:,} now"
+        return {"next_index": next_index}, note + (f", {repeated} records seen again" if repeated else "")
+    return None, f"was written by another data pipeline ({changed})"
+
+
 @ocp.args.register_with_handler(IteratorStateHandler, for_save=True)
 @dataclasses.dataclass
 class IteratorSave(ocp.args.CheckpointArgs):
     iterator: Any
+    pipeline: dict = dataclasses.field(default_factory=dict)
 
 
 @ocp.args.register_with_handler(IteratorStateHandler, for_restore=True)
 @dataclasses.dataclass
 class IteratorRestore(ocp.args.CheckpointArgs):
     iterator: Any
+    pipeline: dict = dataclasses.field(default_factory=dict)
 
 
 def config_to_json(config: ConfigDict) -> dict:
@@ -141,7 +179,10 @@ class Checkpoints:
         self.directory = absolute_path(workdir) / CHECKPOINT_DIR
         self.manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+                cleanup_tmp_directories=True,  # a save killed mid-write leaves a <step>.orbax-checkpoint-tmp folder
+            ),
         )
 
     def latest_step(self) -> int | None:
@@ -156,7 +197,7 @@ class Checkpoints:
         args = ocp.args.Composite(
             params=ocp.args.StandardSave(state["params"]),
             train=ocp.args.StandardSave({"step": state["step"], "opt_state": state["opt_state"]}),
-            data=IteratorSave(data_iterator),
+            data=IteratorSave(data_iterator, data_pipeline(config)),
             config=ocp.args.JsonSave(config_to_json(config)),
         )
         self.manager.save(step, args=args, force=True)
@@ -170,11 +211,14 @@ class Checkpoints:
         compared with the run's first: a checkpoint written by a different model (the config changed,
         same workdir) is a UserError, never skipped, so its work is not overwritten by a fresh run.
         Hyperparameters (learning rate, steps, repeat weight, ...) may change between runs. A
-        checkpoint whose files are missing or unreadable (corrupt or partial) is reported and the
-        previous one is tried. The data iterator's position is restored too when the checkpoint was
-        written by the same number of processes; otherwise the data restarts, which is said.
+        checkpoint whose files are missing or unreadable (corrupt or partial) is reported, the
+        previous one is tried, and once one restores the unreadable newer ones are moved aside (kept,
+        out of the way of the steps about to be saved again). When none restores it is a UserError:
+        a fresh start would overwrite them. The data iterator's position is restored too (see
+        `IteratorStateHandler` for when it is converted or restarts, which is said).
         """
         steps = sorted(self.manager.all_steps(), reverse=True)
+        unreadable: list[int] = []
         targets = {"params": abstract_state["params"], "train": {"step": abstract_state["step"], "opt_state": abstract_state["opt_state"]}}
         for i, step in enumerate(steps):
             step_dir = self.directory / str(step)
@@ -182,6 +226,7 @@ class Checkpoints:
                 stored_shapes = {name: _stored_shapes(step_dir / name) for name in targets}
             except Exception as e:  # noqa: BLE001 — unreadable metadata is a corrupt or partial step
                 self._report_unreadable(step, e, steps[i + 1 :])
+                unreadable.append(step)
                 continue
             mismatch = _config_mismatch(config, step_dir) if config is not None else None
             mismatch = mismatch or next(
@@ -198,24 +243,58 @@ class Checkpoints:
                     args=ocp.args.Composite(
                         params=ocp.args.StandardRestore(targets["params"]),
                         train=ocp.args.StandardRestore(targets["train"]),
-                        data=IteratorRestore(data_iterator),
+                        data=IteratorRestore(data_iterator, data_pipeline(config)),
                     ),
                 )
             except Exception as e:  # noqa: BLE001 — shapes match, so a failure to read means damaged files
                 self._report_unreadable(step, e, steps[i + 1 :])
+                unreadable.append(step)
                 continue
-            if not restored["data"]:
-                print(
-                    f"warning: checkpoint step {step} holds no data-iterator state for {jax.process_count()} process(es); "
-                    "the data order restarts",
-                    flush=True,
-                )
+            self._report_data_position(step, restored["data"])
+            self._move_aside(unreadable)
             print(f"resumed from checkpoint step {step} in {self.directory}", flush=True)
             return {"step": restored["train"]["step"], "params": restored["params"], "opt_state": restored["train"]["opt_state"]}
+        if unreadable:
+            raise UserError(
+                f"no checkpoint in {self.directory} restores (steps {', '.join(map(str, unreadable))}: see the warnings "
+                f"above); nothing was changed. To start afresh in this --workdir, move {self.directory} aside first"
+            )
         return None
 
+    def _report_data_position(self, step: int, outcome: str) -> None:
+        if jax.process_index() != 0 or outcome == "restored":
+            return
+        if outcome == "missing":
+            print(f"warning: checkpoint step {step} holds no data-iterator state for {jax.process_count()} process(es); "
+                  "the data order restarts", flush=True)
+        elif outcome.startswith("converted"):
+            print(f"note: checkpoint step {step}: the data position was {outcome}", flush=True)
+        else:
+            print(f"warning: checkpoint step {step}: the data-iterator state {outcome}; the data order restarts "
+                  "(set those back to continue the data where it stopped)", flush=True)
+
+    def _move_aside(self, steps: list[int]) -> None:
+        """Unreadable steps newer than the restored one → `<workdir>/checkpoints_unreadable/`: kept for a
+        look, and out of the way (orbax would neither save those steps again nor count them as kept)."""
+        if not steps:
+            return
+        aside = self.directory.parent / f"{CHECKPOINT_DIR}_unreadable"
+        if jax.process_index() == 0:
+            aside.mkdir(parents=True, exist_ok=True)
+            for step in steps:
+                target = aside / str(step)
+                if target.exists():
+                    target = aside / f"{step}.{os.getpid()}"
+                (self.directory / str(step)).rename(target)
+                print(f"moved the unreadable checkpoint step {step} to {target} (delete it once looked at)", flush=True)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("nucgpt-moved-unreadable-checkpoints")
+        self.manager.reload()
+
     def _report_unreadable(self, step: int, error: Exception, older_steps: list[int]) -> None:
-        fallback = f"falling back to step {older_steps[0]}" if older_steps else "no older checkpoint; starting fresh"
+        fallback = f"falling back to step {older_steps[0]}" if older_steps else "no older checkpoint"
         print(
             f"warning: checkpoint step {step} in {self.directory} is corrupt or partial "
             f"({type(error).__name__}: {_first_line(error)}); {fallback}",

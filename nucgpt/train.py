@@ -111,7 +111,7 @@ class Loop:
                                     evaluates_start=bool(self.config.eval_only) or start >= self.config.train.steps)
         self.profiler = diagnostics.StepProfiler(trainer.config.diagnostics, f"{workdir.rstrip('/')}/tensorboard", enabled=jax.process_index() == 0)
         self.window: dict | None = None
-        self.last_saved = checkpoints.latest_step()
+        self.last_saved = start if start in checkpoints.all_steps() else None  # the step restored, not a newer one
 
     def absorb(self, step: int, metrics: Mapping[str, jax.Array], tokens: int) -> None:
         """Reads one step's metrics (blocking on that step only), stops on NaN/Inf, logs every log_every."""
@@ -252,7 +252,9 @@ def train(config: ConfigDict, workdir: str, mesh, task: Task) -> int:
         if state is None:
             state = trainer.init_state()
             if process_index == 0:
-                print(f"no checkpoint in {checkpoints.directory}: training from a fresh initialisation", flush=True)
+                fine_tune = config.task == "classify" and config.get("init_from")
+                start = f"the trunk loaded from {config.init_from}, a fresh head" if fine_tune else "a fresh initialisation"
+                print(f"no checkpoint in {checkpoints.directory}: training from {start}", flush=True)
         if process_index == 0 and not config.eval_only:  # after the restore: a config that does not match the
             save_config(workdir, config)  # checkpoints never replaces theirs; an evaluation leaves the run's as it is
         loop = Loop(trainer, workdir, checkpoints, train_iterator, state)

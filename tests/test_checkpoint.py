@@ -91,6 +91,99 @@ def test_corrupt_latest_falls_back_to_previous(saved, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "checkpoint step 2" in out and "corrupt or partial" in out and "falling back to step 1" in out
     assert int(restored["step"]) == 1 and iterator.position == 10
+    # the damaged step is kept aside, out of the way of step 2 being saved again (and of `keep`)
+    assert (workdir / "checkpoints_unreadable" / "2" / "params").is_dir() and not (workdir / "checkpoints" / "2").exists()
+    assert "moved the unreadable checkpoint step 2" in out
+    checkpoints = Checkpoints(str(workdir), keep=3)
+    checkpoints.save(dict(restored, step=jax.device_put(np.int32(2), trainer.state_shardings["step"])), iterator, config)
+    checkpoints.close()
+    assert Checkpoints(str(workdir), keep=3).all_steps() == [1, 2]
+
+
+def test_when_no_checkpoint_restores_nothing_starts_over_them(saved, tmp_path):
+    """A fresh start would save over the unreadable steps: it is an error, and nothing is moved."""
+    source, config, _ = saved
+    workdir = tmp_path / "copy"
+    shutil.copytree(source, workdir)
+    for step in (1, 2):
+        (workdir / "checkpoints" / str(step) / "params" / "_METADATA").unlink()
+    checkpoints = Checkpoints(str(workdir), keep=3)
+    with pytest.raises(UserError, match=r"no checkpoint in .* restores \(steps 2, 1: see the warnings above\); nothing was changed"):
+        checkpoints.restore_latest(build_trainer(config).abstract_state, CountingIterator())
+    checkpoints.close()
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1", "2"]
+
+
+class GrainLikeIterator:
+    """A plain Grain position: batches of this process taken so far."""
+
+    def __init__(self, next_index=0):
+        self.next_index = next_index
+
+    def get_state(self):
+        return {"next_index": self.next_index}
+
+    def set_state(self, state):
+        self.next_index = state["next_index"]
+
+
+@pytest.fixture(scope="module")
+def saved_at_batch_5(tmp_path_factory):
+    """Step 1 saved with a plain Grain position: 5 batches of 8 taken (40 records), no data workers."""
+    workdir = tmp_path_factory.mktemp("grain_like")
+    config = tiny_config()
+    trainer = build_trainer(config)
+    state = dict(trainer.init_state(), step=jax.device_put(np.int32(1), trainer.state_shardings["step"]))
+    checkpoints = Checkpoints(str(workdir), keep=1)
+    checkpoints.save(state, GrainLikeIterator(next_index=5), config)
+    checkpoints.close()
+    return workdir, config, trainer
+
+
+@pytest.mark.parametrize(
+    "change, expected_index, message",
+    [
+        ({"train.global_batch_size": 8}, 5, None),
+        ({"train.global_batch_size": 16}, 2, "note: checkpoint step 1: the data position was converted (global_batch_size 8 → 16): "
+                                              "40 records consumed = batch 2 now, 8 records seen again"),
+        ({"train.global_batch_size": 4}, 10, "converted (global_batch_size 8 → 4): 40 records consumed = batch 10 now\n"),
+        ({"data.num_workers": 2}, 0, "warning: checkpoint step 1: the data-iterator state was written by another data "
+                                     "pipeline (num_workers 0 → 2); the data order restarts"),
+    ],
+)
+def test_a_changed_data_pipeline_converts_or_restarts_the_position_never_a_corrupt_step(
+    saved_at_batch_5, tmp_path, capsys, change, expected_index, message
+):
+    """A batch size or worker count changed on resume used to fail the whole restore as 'corrupt'."""
+    source, config, trainer = saved_at_batch_5
+    shutil.copytree(source, tmp_path, dirs_exist_ok=True)
+    resumed = config.copy_and_resolve_references()
+    for key, value in change.items():
+        section, field = key.split(".")
+        resumed[section][field] = value
+    iterator = GrainLikeIterator()
+    checkpoints = Checkpoints(str(tmp_path), keep=1)
+    restored = checkpoints.restore_latest(trainer.abstract_state, iterator, resumed)  # the state does not depend on them
+    checkpoints.close()
+    out = capsys.readouterr().out
+    assert int(restored["step"]) == 1 and iterator.next_index == expected_index
+    assert "corrupt" not in out
+    if message:
+        assert message in out
+    else:
+        assert "data" not in out.replace(str(tmp_path), "")
+
+
+def test_a_data_state_the_iterator_refuses_restarts_the_data_order(saved, capsys):
+    """Grain's set_state raising (a state of another pipeline kind) is said, not taken for damage."""
+    workdir, config, _ = saved
+    checkpoints = Checkpoints(str(workdir), keep=3)
+    iterator = GrainLikeIterator()  # the saved states are {"position": ...}: KeyError in set_state
+    restored = checkpoints.restore_latest(build_trainer(config).abstract_state, iterator, config)
+    checkpoints.close()
+    out = capsys.readouterr().out
+    assert int(restored["step"]) == 2 and iterator.next_index == 0
+    assert "the data-iterator state could not be applied (KeyError" in out and "the data order restarts" in out
 
 
 def test_load_pretrained_reads_config_and_params(saved):
