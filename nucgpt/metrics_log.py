@@ -58,6 +58,7 @@ class MetricsLogger:
         this run evaluates at start_step again (eval_only, or a finished run rerun), so an earlier
         eval line at that step goes too."""
         self.enabled = enabled
+        self._eval_steps: set[int] = set()
         if not enabled:
             return
         self.jsonl_path = epath.Path(workdir) / "metrics.jsonl"
@@ -67,6 +68,7 @@ class MetricsLogger:
             self._forget_after(start_step, evaluates_start)
 
     def _forget_after(self, step: int, evaluates_start: bool) -> None:
+        kept = []
         if self.jsonl_path.exists():
             lines = self.jsonl_path.read_text().splitlines(keepends=True)
             kept = [line for line in lines if (logged := _step_of(line)) < step
@@ -75,8 +77,23 @@ class MetricsLogger:
                 partial = self.jsonl_path.with_name(self.jsonl_path.name + ".tmp")
                 partial.write_text("".join(kept))
                 partial.replace(self.jsonl_path)
+        # TensorBoard drops every point at or after a START event's step. Evaluating `step` again, the
+        # purge starts at `step` (its old eval point goes) and the train line kept there is written back.
+        purge_from = step if evaluates_start else step + 1
         start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
-        self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=step + 1, session_log=start))
+        self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=purge_from, session_log=start))
+        for line in kept:
+            if _step_of(line) >= purge_from:
+                self._write_event(json.loads(line))
+        self._eval_steps = {_step_of(line) for line in kept if _is_eval(line)}
+
+    def has_eval_at(self, step: int) -> bool:
+        """Whether metrics.jsonl (as kept at start-up) holds an eval line for `step`."""
+        return step in self._eval_steps
+
+    def _write_event(self, line: Mapping) -> None:
+        values = [summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in line.items() if k != "step" and v is not None]
+        self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=int(line["step"]), summary=summary_pb2.Summary(value=values)))
 
     def log(self, step: int, metrics: Mapping[str, float | None], console: bool = True) -> None:
         if not self.enabled:
@@ -84,8 +101,7 @@ class MetricsLogger:
         line = {"step": int(step), **{k: _finite(v) for k, v in metrics.items()}}
         with self.jsonl_path.open("a") as f:
             f.write(json.dumps(line) + "\n")
-        values = [summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in line.items() if k != "step" and v is not None]
-        self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values)))
+        self._write_event(line)
         self._tb.flush()
         if console:
             parts = [fmt.format(line[k]) for k, fmt in CONSOLE_KEYS if line.get(k) is not None]

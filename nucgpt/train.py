@@ -111,6 +111,7 @@ class Loop:
                                     evaluates_start=bool(self.config.eval_only) or start >= self.config.train.steps)
         self.profiler = diagnostics.StepProfiler(trainer.config.diagnostics, f"{workdir.rstrip('/')}/tensorboard", enabled=jax.process_index() == 0)
         self.window: dict | None = None
+        self.last_scalars: dict[str, float] = {}
         self.last_saved = start if start in checkpoints.all_steps() else None  # the step restored, not a newer one
 
     def absorb(self, step: int, metrics: Mapping[str, jax.Array], tokens: int) -> None:
@@ -120,12 +121,26 @@ class Loop:
         if not all(np.all(np.isfinite(v)) for v in metrics.values()):
             bad = ", ".join(k for k, v in metrics.items() if not np.all(np.isfinite(v)))
             raise Diverged(step, f"non-finite {bad} at step {step}")
-        last = {k: float(metrics.pop(k)) for k in ("grad_norm", "learning_rate")}
+        self.last_scalars = {k: float(metrics.pop(k)) for k in ("grad_norm", "learning_rate")}
         self.window = _add(self.window, metrics)
         if step % self.config.train.log_every == 0 or step == self.config.train.steps:
-            values = self.task.finalize_metrics(self.window, self.config) | last | self.throughput.measure(step)
+            self.log_window(step)
+
+    def log_window(self, step: int) -> None:
+        """One train line for the steps absorbed since the last one (also cut short by a preemption)."""
+        if self.window is not None:
+            values = self.task.finalize_metrics(self.window, self.config) | self.last_scalars | self.throughput.measure(step)
             self.logger.log(step, values)
             self.window = None
+
+    def missed_eval(self, step: int) -> bool:
+        """Whether the restored step is an eval step without an eval line (process 0 reads the log)."""
+        config = self.config
+        due = 0 < step < config.train.steps and step % config.train.eval_every == 0
+        missing = np.int32(due and jax.process_index() == 0 and not self.logger.has_eval_at(step))
+        if due and jax.process_count() > 1:
+            missing = multihost_utils.broadcast_one_to_all(missing)
+        return bool(missing)
 
     def save(self, step: int) -> None:
         if self.last_saved != step:
@@ -148,6 +163,8 @@ class Loop:
         pending = None
         eval_metrics = None
         run_step = 0  # steps of this process's run: the profiler counts from its start, resumed or not
+        if self.missed_eval(step):  # a preemption on an eval step saved without evaluating
+            eval_metrics = self.run_eval(step)
         try:
             while step < config.train.steps:
                 run_step += 1
@@ -175,6 +192,7 @@ class Loop:
                     eval_metrics = self.run_eval(step)
                     self.throughput.restart(step)
                 if preempted:
+                    self.log_window(step)  # the steps since the last line would otherwise be in none
                     return step, eval_metrics, True
         finally:
             self.profiler.stop()

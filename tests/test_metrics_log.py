@@ -47,10 +47,26 @@ def test_a_restarted_run_forgets_what_came_after_its_checkpoint(tmp_path, capsys
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [(10, 10.0), (20, 20.0), (30, 3.5)]  # 30.0 purged
 
-    with open(tmp_path / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"step": 30, "eval_loss": 9.9}) + "\n")  # the finished run's final eval
+    final = MetricsLogger(str(tmp_path))  # the finished run's final eval
+    final.log(30, {"eval_loss": 9.9})
+    final.close()
     again = MetricsLogger(str(tmp_path), start_step=30, evaluates_start=True)  # a finished run, rerun: evaluates 30 again
     again.log(30, {"eval_loss": 1.5})
     again.close()
     lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [l for l in lines if l["step"] == 30] == [{"step": 30, "loss": 3.5}, {"step": 30, "eval_loss": 1.5}]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()  # the step's earlier eval point is purged in TensorBoard too; its train point stays
+    assert [(e.step, e.value) for e in events.Scalars("eval_loss")] == [(20, 2.0), (30, 1.5)]
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(10, 10.0), (20, 20.0), (30, 3.5)]
+
+
+def test_the_logger_knows_which_steps_were_evaluated(tmp_path):
+    first = MetricsLogger(str(tmp_path))
+    first.log(10, {"loss": 1.0})
+    first.log(10, {"eval_loss": 1.0})
+    first.log(20, {"loss": 1.0})
+    first.close()
+    resumed = MetricsLogger(str(tmp_path), start_step=20)
+    assert resumed.has_eval_at(10) and not resumed.has_eval_at(20)
+    resumed.close()

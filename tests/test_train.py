@@ -203,6 +203,27 @@ def test_sigterm_saves_and_exits_zero(genome, tmp_path):
     saved = [int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit()]
     assert len(saved) == 1 and 0 < saved[0] < 100000
     assert f"preempted (SIGTERM): saved checkpoint step {saved[0]}" in out
+    last = metrics_lines(workdir)[-1]  # the steps since the last log line are logged, not lost with the run
+    assert last["step"] == saved[0] and "loss" in last
+
+
+def test_a_resume_on_an_eval_step_without_its_eval_evaluates_first(reference_run, genome, tmp_path):
+    """A preemption on an eval step saves without evaluating; the resumed run evaluates that step first."""
+    import shutil
+
+    reference_dir, _ = reference_run
+    workdir = tmp_path / "preempted_on_eval"
+    shutil.copytree(reference_dir, workdir)
+    shutil.rmtree(workdir / "checkpoints" / "12")  # resume from 8 ...
+    kept = [l for l in metrics_lines(workdir) if l["step"] <= 8 and not (l["step"] == 8 and "eval_loss" in l)]
+    (workdir / "metrics.jsonl").write_text("".join(json.dumps(l) + "\n" for l in kept))  # ... whose eval never ran
+    result = run_train(workdir, genome, "--config.train.steps=12", "--config.train.log_every=1",
+                       "--config.train.eval_every=4", "--config.checkpoint.every=4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    evals = [l for l in metrics_lines(workdir) if "eval_loss" in l]
+    reference = [l for l in metrics_lines(reference_dir) if "eval_loss" in l]
+    assert [l["step"] for l in evals] == [4, 8, 12]
+    assert evals[1]["eval_loss"] == reference[1]["eval_loss"]  # step 8's parameters, evaluated as the reference did
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(genome, tmp_path):
