@@ -65,7 +65,7 @@ def base_config() -> ConfigDict:
         dict(
             path="",  # a prepared folder (manifest.json); empty + synthetic_bp > 0 → generated demo genome
             tokenizer="nucleotide",  # nucleotide | kmer6_overlap | kmer6_nonoverlap
-            kmer_pad_multiple=512,  # kmer6_nonoverlap: token count padded to a multiple of this
+            kmer_pad_multiple=512,  # k-mer tokenizers pad their own output; no row sees it (rows are train.seq_len)
             reverse_complement_prob=0.0,
             num_workers=0,  # Grain worker processes (0 = in the main process)
             prefetch=2,
@@ -173,14 +173,14 @@ def llama_500m(c: ConfigDict) -> None:
 
 
 def kmer6_overlap(c: ConfigDict) -> None:
-    """Overlapping 6-mers: 8,192 bp → 8,187 tokens padded to 8,192."""
+    """Overlapping 6-mers: 8,192 bp → 8,187 tokens in a row of train.seq_len 8,192 (+1 target), the rest padding."""
     nucleotide_gpt_500m(c)
     c.model.vocab_size = 4098
     c.data.tokenizer = "kmer6_overlap"
 
 
 def kmer6_nonoverlap(c: ConfigDict) -> None:
-    """Non-overlapping 6-mers: 8,192 bp → 1,366 tokens padded to 1,536 (3 × 512)."""
+    """Non-overlapping 6-mers: 8,192 bp → 1,366 tokens in a row of train.seq_len 1,536 (3 × 512), the rest padding."""
     nucleotide_gpt_500m(c)
     c.model.vocab_size = 4098
     c.data.tokenizer = "kmer6_nonoverlap"

@@ -11,6 +11,7 @@ target shardings, so a checkpoint written on one mesh restores onto any other. P
 `gs://...` wherever a local path is accepted (orbax and etils handle both).
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -200,7 +201,20 @@ class Checkpoints:
             data=IteratorSave(data_iterator, data_pipeline(config)),
             config=ocp.args.JsonSave(config_to_json(config)),
         )
-        self.manager.save(step, args=args, force=True)
+        with self._save_errors_as_one_line():  # an earlier asynchronous save's failure surfaces here too
+            self.manager.save(step, args=args, force=True)
+
+    @contextlib.contextmanager
+    def _save_errors_as_one_line(self):
+        """A save that fails (a full disk, lost permissions) stops the run with one line naming the
+        folder and orbax's reason, not a page of thread tracebacks; its partial step folder is a
+        temporary one, removed by the next run."""
+        try:
+            yield
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 — orbax re-raises a background thread's error as is
+            raise UserError(f"saving a checkpoint in {self.directory} failed: {type(e).__name__}: {_first_line(e)}") from None
 
     def restore_latest(
         self, abstract_state: Mapping[str, Any], data_iterator: Any, config: ConfigDict | None = None
@@ -251,6 +265,7 @@ class Checkpoints:
                 unreadable.append(step)
                 continue
             self._report_data_position(step, restored["data"])
+            self._report_changed_settings(step, step_dir, config)
             self._move_aside(unreadable)
             print(f"resumed from checkpoint step {step} in {self.directory}", flush=True)
             return {"step": restored["train"]["step"], "params": restored["params"], "opt_state": restored["train"]["opt_state"]}
@@ -272,6 +287,23 @@ class Checkpoints:
         else:
             print(f"warning: checkpoint step {step}: the data-iterator state {outcome}; the data order restarts "
                   "(set those back to continue the data where it stopped)", flush=True)
+
+    def _report_changed_settings(self, step: int, step_dir: epath.Path, config: ConfigDict | None) -> None:
+        """Run settings that differ from the checkpoint's (a longer run, another learning rate, ...):
+        allowed, and said once, since they change the run from here on (the schedule is rebuilt)."""
+        if config is None or jax.process_index() != 0:
+            return
+        try:
+            stored = json.loads((step_dir / "config" / "metadata").read_text())
+        except (OSError, ValueError):
+            return
+        changed = config_checks.changed_settings(config_to_json(config), stored)
+        if changed:
+            shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
+            print(f"note: settings changed since checkpoint step {step}: {shown}", flush=True)
+        steps = config.get("train", {}).get("steps")
+        if steps is not None and not config.get("eval_only") and steps <= step:
+            print(f"note: train.steps {steps} is not beyond checkpoint step {step}: nothing left to train", flush=True)
 
     def _move_aside(self, steps: list[int]) -> None:
         """Unreadable steps newer than the restored one → `<workdir>/checkpoints_unreadable/`: kept for a
@@ -302,11 +334,15 @@ class Checkpoints:
         )
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._save_errors_as_one_line():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        with self._save_errors_as_one_line():
+            try:
+                self.manager.wait_until_finished()
+            finally:
+                self.manager.close()
 
 
 def _path_name(path: tuple) -> str:

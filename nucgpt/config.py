@@ -5,6 +5,7 @@
 so divisibility is checked against the real device count.
 """
 
+import json
 import math
 from typing import Mapping
 
@@ -32,12 +33,14 @@ POSITIVE = (
 )
 # What a set of parameters means beyond its shapes: a checkpoint (resume) or a pretrained trunk
 # (fine-tuning) only makes sense under the same values. Fields absent from an older config are skipped.
+# Not data.kmer_pad_multiple: the tokenizer's own padding never reaches the model (a pretraining row is
+# cropped/padded to train.seq_len with the same PAD; fine-tuning, score and generate tokenize unpadded).
 ARCHITECTURE_FIELDS = {
     "model": (
         "vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
         "mlp_activation", "norm_placement", "norm_eps", "rope_base", "tie_embeddings", "scan_layers",
     ),
-    "data": ("tokenizer", "kmer_pad_multiple"),
+    "data": ("tokenizer",),
     "classify": ("pooling", "freeze_trunk"),  # a fine-tune's head reads the trunk this way; compared on resume only
 }
 
@@ -193,3 +196,18 @@ def notes(config: ConfigDict) -> list[str]:
             f"never reaches optim.learning_rate {config.optim.learning_rate:g}"
         )
     return out
+
+
+def changed_settings(config: Mapping, stored: Mapping, ignore: tuple[str, ...] = ("eval_only",)) -> list[str]:
+    """`key old → new` for each setting `config` gives differently from `stored` (a checkpoint's config)."""
+    before = dict(_leaves(stored))
+    return [
+        f"{key} {before[key]!r} → {value!r}"
+        for key, value in _leaves(config)
+        if key in before and key not in ignore and _comparable(before[key]) != _comparable(value)
+    ]
+
+
+def _comparable(value):
+    """JSON turns tuples into lists: compare the two alike."""
+    return json.loads(json.dumps(value)) if isinstance(value, (list, tuple)) else value

@@ -3,7 +3,9 @@
 Scores every record of a FASTA file (plain or gzip, softmasked or not) with a pretrained
 checkpoint's model: the log-likelihood of each token given the ones before it, summed over the
 record, with the same rules as the training loss (the first token has no context and is not scored;
-N bases, UNK k-mers and padding are never targets). Case is kept, so each record also gets its
+N bases, UNK k-mers and padding are never targets); a record without one target is refused. With
+`kmer6_nonoverlap` the last `bases % 6` bases of a record are a short, UNK k-mer: a `note:` line says
+how many records lose how many bases that way. Case is kept, so each record also gets its
 bits per base on repeats (lowercase) and on unique sequence. Comparing two records' log-likelihoods
 (a reference and an alternative allele in the same flanks) is the usual zero-shot variant score.
 
@@ -62,14 +64,35 @@ def read_records(path: str) -> Iterator[Record]:
 
 
 def tokenize(record: Record, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(ids, repeat, valid) of one record; it needs two tokens (one to predict)."""
+    """(ids, repeat, valid) of one record. It needs a target to score: a token after the first that is
+    not N/UNK/padding (the loss's rule, for every tokenizer), else its row would be all `nan`."""
     if not record.sequence:
         raise UserError(f"record {record.name!r}: no bases")
     ids, repeat, valid = tokenizer.encode(record.sequence)
-    if len(ids) < 2:
-        raise UserError(f"record {record.name!r}: {len(record.sequence)} bp is {len(ids)} token(s) of "
-                        f"{tokenizer.name}; scoring needs two (one to predict)")
+    if not valid[1:].any():
+        raise UserError(f"record {record.name!r}: {len(record.sequence)} bp is {len(ids)} token(s) of {tokenizer.name} "
+                        "with none to score (a token after the first, not N, UNK or a short last k-mer); "
+                        "scoring needs at least one")
     return ids, repeat, valid
+
+
+def unscored_tail(num_bp: int, tokenizer: Tokenizer) -> int:
+    """Bases at a record's end that no token scores: consecutive k-mers leave a short last k-mer, UNK."""
+    return num_bp % tokenizer.k if tokenizer.k > 1 and not tokenizer.overlap else 0
+
+
+def tail_note(records: list[Record], tokenizer: Tokenizer) -> str | None:
+    """One line saying how many records end in bases the model never scores (so two records that differ
+    only there score the same), or None when every record's bases are all in whole tokens."""
+    tails = [(r.name, unscored_tail(len(r.sequence), tokenizer)) for r in records]
+    tails = [(name, bp) for name, bp in tails if bp]
+    if not tails:
+        return None
+    name, bp = tails[0]
+    k = tokenizer.k
+    return (f"{tokenizer.name} reads a short last {k}-mer as UNK, so the last `bases` % {k} bases of {len(tails)} of "
+            f"{len(records)} record(s) ({sum(bp for _, bp in tails)} bp in all; first {name!r}, {bp} bp) are not scored: "
+            "records that differ only there score the same")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,6 +261,9 @@ def score_fasta(checkpoint: str, fasta: str, output: str, batch_size: int = 8, s
         tokenized = [tokenize(r, tokenizer) for r in records]  # all checked before the model loads
     except UserError as e:
         raise UserError(f"--fasta {fasta}: {e}") from None
+    note = tail_note(records, tokenizer)
+    if note:
+        print(f"note: --fasta {fasta}: {note}", flush=True)
     graphdef, state = nnx.split(pretrained.load_for_inference(step_dir, config))
     start = time.perf_counter()
     rows = score_records(records, tokenized, graphdef, nnx.to_pure_dict(state), config.train.seq_len,

@@ -171,7 +171,23 @@ def test_a_changed_data_pipeline_converts_or_restarts_the_position_never_a_corru
     if message:
         assert message in out
     else:
-        assert "data" not in out.replace(str(tmp_path), "")
+        assert "data" not in out.replace(str(tmp_path), "") and "note" not in out
+    for key, value in change.items():  # a changed setting is said, whatever it does to the data
+        if value != config[key.split(".")[0]][key.split(".")[1]]:
+            assert f"note: settings changed since checkpoint step 1: {key} " in out
+
+
+def test_changed_run_settings_are_listed_old_to_new():
+    from nucgpt import config as config_lib
+    from nucgpt.checkpoint import config_to_json
+
+    stored = config_to_json(tiny_config())
+    config = tiny_config()
+    config.train.steps, config.optim.learning_rate, config.eval_only = 900, 0.01, True
+    assert sorted(config_lib.changed_settings(config_to_json(config), stored)) == [  # eval_only is not a run setting
+        f"optim.learning_rate {stored['optim']['learning_rate']!r} → 0.01", f"train.steps {stored['train']['steps']!r} → 900"
+    ]
+    assert config_lib.changed_settings(stored, stored) == []  # tuples read back from JSON as lists are equal
 
 
 def test_a_data_state_the_iterator_refuses_restarts_the_data_order(saved, capsys):
@@ -277,3 +293,17 @@ def test_a_relative_workdir_saves_and_restores(saved, tmp_path, monkeypatch):
     checkpoints.close()
     assert int(restored["step"]) == int(state["step"]) and iterator.position == 7
     assert (tmp_path / "workdirs/run/checkpoints" / str(int(state["step"])) / "params").is_dir()
+
+
+def test_a_save_that_fails_in_the_background_is_one_line(tmp_path):
+    """Orbax re-raises a background write's error (a full disk) at the next save or wait: one line."""
+    checkpoints = Checkpoints(str(tmp_path), keep=1)
+
+    def disk_full():
+        raise ValueError("RESOURCE_EXHAUSTED: Error writing to file\n[many lines of tensorstore context]")
+
+    checkpoints.manager.wait_until_finished = disk_full
+    with pytest.raises(UserError, match=r"^saving a checkpoint in .*checkpoints failed: ValueError: RESOURCE_EXHAUSTED: Error writing to file$"):
+        checkpoints.wait()
+    with pytest.raises(UserError, match="saving a checkpoint"):
+        checkpoints.close()

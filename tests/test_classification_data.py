@@ -170,3 +170,29 @@ def test_iupac_codes_read_as_n_keeping_case_as_prepare_does(tmp_path):
             (tmp_path / "folder" / split / label).mkdir(parents=True)
             (tmp_path / "folder" / split / label / "0.txt").write_text("ACGTwsN\n")
     assert cd.load(str(tmp_path / "folder"), 0.2, 0).train.sequences == ("ACGTnnN", "ACGTnnN")
+
+
+def test_every_sequence_keeps_where_it_was_read_through_the_split(tmp_path):
+    """Origins (`file:line`, or the .txt file) let a later check name the row, as the readers' own errors do."""
+    (tmp_path / "t.tsv").write_text("seq\tlabel\n" + "".join(f"{'AC' * (3 + i)}\t{i % 2}\n" for i in range(10)))
+    data = cd.load(str(tmp_path / "t.tsv"), 0.2, 0)
+    for split in (data.train, data.test):
+        assert len(split.origins) == len(split)
+        for sequence, origin in zip(split.sequences, split.origins):  # line n holds the sequence of length 2·(3 + n - 2)
+            line = int(origin.removeprefix(f"{tmp_path / 't.tsv'}:"))
+            assert len(sequence) == 2 * (3 + line - 2)
+    _write_benchmark_folder(tmp_path / "folder")
+    folder = cd.load(str(tmp_path / "folder"), 0.2, 0)
+    assert folder.train.origins[0] == str(tmp_path / "folder" / "train" / "negative" / "0.txt")
+
+
+def test_a_sequence_shorter_than_one_token_is_named_by_file_and_line(tmp_path):
+    (tmp_path / "t.tsv").write_text("seq\tlabel\nACGTACGT\t0\nACGTA\t1\nACGTACGT\t1\nACG\t0\n")
+    sequences, labels, origins = cd._read_table_rows(tmp_path / "t.tsv")
+    data = cd.LabelledSequences(tuple(sequences), np.zeros(len(sequences), np.int32), tuple(origins))
+    with pytest.raises(UserError, match=r"^\S*t.tsv:3: a 5 bp sequence is shorter than one kmer6_overlap token "
+                                        r"\(6 bp\), .*at least 6 bp \(1 more in the train split\)$"):
+        cd.check_min_length(data, 6, "kmer6_overlap", "train")
+    cd.check_min_length(data, 1, "nucleotide", "train")
+    with pytest.raises(UserError, match=r"^test sequence 2: a 5 bp"):  # without origins: its place in the split
+        cd.check_min_length(cd.LabelledSequences(data.sequences, data.labels_N), 6, "kmer6_overlap", "test")

@@ -242,3 +242,32 @@ def test_loss_weight_is_the_weight_the_loss_reports(tsv_trainer):
     stats = jax.device_get(trainer.eval_step(trainer.init_state(), global_batch))
     weight = float(TASK.loss_weight(global_batch, config))
     assert weight == float(stats["weight"]) == float(np.sum(batch["weights"])) > 0
+
+
+@pytest.mark.parametrize("tokenizer", ["kmer6_overlap", "kmer6_nonoverlap"])
+def test_a_sequence_shorter_than_one_kmer_is_refused_before_training(tmp_path, tokenizer):
+    """It would be a row of padding (overlapping: no token) or one UNK (consecutive): trained on nothing."""
+    rows = [f"{'ACGTAC' * 5}\t{i % 2}" for i in range(10)]
+    rows[3] = "ACGTA\t1"  # line 5 of the file
+    (tmp_path / "t.tsv").write_text("seq\tlabel\n" + "\n".join(rows) + "\n")
+    config = small_config(tmp_path / "t.tsv")
+    config.data.tokenizer, config.model.vocab_size = tokenizer, 4098
+    with pytest.raises(UserError, match=rf"^\S*t.tsv:5: a 5 bp sequence is shorter than one {tokenizer} token \(6 bp\)"):
+        TASK.validate(config)
+    for split in ("train", "test"):
+        folder = tmp_path / "gb" / split / "a"
+        folder.mkdir(parents=True)
+        (folder / "0.txt").write_text("ACGTACGT\n")
+        (tmp_path / "gb" / split / "b").mkdir()
+        (tmp_path / "gb" / split / "b" / "0.txt").write_text("ACGTACGT\n" if split == "train" else "ACG\n")
+    config.data.path = str(tmp_path / "gb")
+    with pytest.raises(UserError, match=r"^\S*gb/test/b/0.txt: a 3 bp sequence .*at least 6 bp$"):
+        TASK.validate(config)
+
+
+def test_a_checkpoint_with_another_kmer_pad_multiple_fine_tunes(tmp_path, tsv_table):
+    """The tokenizer's own padding never reaches a row, so it is no reason to refuse a checkpoint."""
+    config = small_config(tsv_table)
+    config.init_from = str(_fake_pretraining_checkpoint(tmp_path, data__kmer_pad_multiple=8))
+    assert config.data.kmer_pad_multiple != 8
+    TASK.validate(config)

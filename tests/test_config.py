@@ -36,6 +36,17 @@ def test_a_warmup_as_long_as_the_run_is_noted_not_refused():
     assert config_lib.notes(config) == []
 
 
+def test_kmer_pad_multiple_is_not_an_architecture_field():
+    """The tokenizer's own padding never reaches a row (test_tokenizers), so a checkpoint pretrained
+    with another kmer_pad_multiple resumes and fine-tunes; the tokenizer itself must still match."""
+    ours, theirs = pretrain.get_config("kmer6_nonoverlap"), pretrain.get_config("kmer6_nonoverlap")
+    theirs.data.kmer_pad_multiple = 8
+    assert config_lib.architecture_differences(ours, theirs, sections=("data", "model", "classify")) == []
+    theirs.data.tokenizer = "kmer6_overlap"
+    assert config_lib.architecture_differences(ours, theirs) == [
+        "data.tokenizer='kmer6_nonoverlap' but the checkpoint has 'kmer6_overlap'"]
+
+
 @pytest.mark.parametrize(
     "change, field",
     [

@@ -71,11 +71,36 @@ def test_scores_match_the_unpadded_forward_pass_in_any_batching(model, monkeypat
         np.testing.assert_allclose(a["log_likelihood"], b["log_likelihood"], rtol=1e-5, atol=1e-5)
 
 
-def test_a_record_of_one_token_is_refused():
-    with pytest.raises(score.UserError, match=r"1 bp is 1 token\(s\) of nucleotide; scoring needs two"):
-        score.tokenize(score.Record("one", b"A"), get_tokenizer("nucleotide"))
-    with pytest.raises(score.UserError, match=r"5 bp is 0 token\(s\) of kmer6_overlap"):
-        score.tokenize(score.Record("short", b"ACGTA"), get_tokenizer("kmer6_overlap", pad_multiple=1))
+@pytest.mark.parametrize(
+    "tokenizer, refused, accepted",
+    [
+        ("nucleotide", [b"A", b"AN", b"NNNN"], [b"AC", b"NAC"]),
+        ("kmer6_overlap", [b"ACGTA", b"ACGTAC", b"ACGTACN"], [b"ACGTACG"]),
+        # a short last k-mer is UNK: 7 and 10 bp are one k-mer to read and none to predict
+        ("kmer6_nonoverlap", [b"ACGTA", b"ACGTAC", b"ACGTACG", b"ACGTACGTAC", b"ACGTACNNNNNN"], [b"ACGTACGTACGT", b"ACGTACGTACGTA"]),
+    ],
+)
+def test_a_record_without_a_target_to_score_is_refused_by_every_tokenizer(tokenizer, refused, accepted):
+    """One rule for all: a valid target (after the first token, not N/UNK/padding), else a row of nan."""
+    tok = get_tokenizer(tokenizer, pad_multiple=1)
+    for sequence in refused:
+        tokens = len(tok.encode(sequence)[0])
+        with pytest.raises(score.UserError, match=rf"^record 'r': {len(sequence)} bp is {tokens} token\(s\) of {tokenizer} "
+                                                  r"with none to score .*scoring needs at least one$"):
+            score.tokenize(score.Record("r", sequence), tok)
+    for sequence in accepted:
+        assert score.tokenize(score.Record("r", sequence), tok)[2][1:].sum() >= 1
+
+
+def test_the_unscored_end_of_consecutive_kmer_records_is_noted():
+    records = [score.Record("whole", b"ACGTAC" * 2), score.Record("ref", b"ACGTAC" * 2 + b"A"),
+               score.Record("alt", b"ACGTAC" * 2 + b"CGTAC")]
+    note = score.tail_note(records, get_tokenizer("kmer6_nonoverlap", pad_multiple=1))
+    assert note == ("kmer6_nonoverlap reads a short last 6-mer as UNK, so the last `bases` % 6 bases of 2 of 3 record(s) "
+                    "(6 bp in all; first 'ref', 1 bp) are not scored: records that differ only there score the same")
+    for name in ("nucleotide", "kmer6_overlap"):  # every base is in a scored token
+        assert score.tail_note(records, get_tokenizer(name, pad_multiple=1)) is None
+    assert score.tail_note(records[:1], get_tokenizer("kmer6_nonoverlap", pad_multiple=1)) is None
 
 
 def test_windows_score_every_target_once_with_the_promised_context():
@@ -208,3 +233,23 @@ def test_per_token_positions_of_kmer_tokens(tmp_path):
     path = tmp_path / "t.tsv"
     score.write_per_token(str(path), records, rows, get_tokenizer("kmer6_nonoverlap", pad_multiple=1))
     assert path.read_text().splitlines()[1:] == ["r\t6\tggttcc\t-1.500000", "r\t12\tAAAAAA\t-2.250000"]
+
+
+def test_a_kmer6_nonoverlap_checkpoint_says_which_bases_it_did_not_score(tmp_path, capsys, monkeypatch):
+    """End to end: records that differ only in a short last 6-mer score the same, and stdout says so;
+    a record of 10 bp (one 6-mer and an UNK) is refused before the model loads."""
+    config = checkpoint_config(data__tokenizer="kmer6_nonoverlap", model__vocab_size=4098)
+    workdir = write_checkpoint(tmp_path / "pretrain", config, nnx.to_pure_dict(nnx.state(init_model(config.model))))
+    fasta, output = tmp_path / "in.fa", tmp_path / "scores.tsv"
+    flank = "ACGTTGCAAGCTTTTTTACGGACGA"[:24]
+    fasta.write_text(f">whole\n{flank}\n>ref\n{flank}A\n>alt\n{flank}G\n")
+    rows = score.score_fasta(str(workdir), str(fasta), str(output))
+    out = capsys.readouterr().out
+    assert (f"note: --fasta {fasta}: kmer6_nonoverlap reads a short last 6-mer as UNK, so the last `bases` % 6 bases of "
+            "2 of 3 record(s) (2 bp in all; first 'ref', 1 bp) are not scored") in out
+    assert [row["scored_tokens"] for row in rows] == [3, 3, 3]
+    assert rows[0]["log_likelihood"] == rows[1]["log_likelihood"] == rows[2]["log_likelihood"]
+    fasta.write_text(f">ok\n{flank}\n>short\nACGTACGTAC\n")
+    monkeypatch.setattr(score.pretrained, "load_for_inference", lambda *_: pytest.fail("the model was loaded"))
+    with pytest.raises(score.UserError, match=r"record 'short': 10 bp is 2 token\(s\) of kmer6_nonoverlap with none to score"):
+        score.score_fasta(str(workdir), str(fasta), str(tmp_path / "o2.tsv"))

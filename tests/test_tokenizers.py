@@ -85,3 +85,20 @@ def test_decode_inverts_encode_up_to_case(name):
     k = 1 if name == "nucleotide" else 6
     assert tokenizer.decode(tokenizer.encode("N" if k == 1 else "ACNGTA")[0]).tobytes() == b"N" * k  # N / UNK
     assert tokenizer.decode(np.array([PAD_ID])).tobytes() == b"N" * k
+
+
+@pytest.mark.parametrize("name", ["kmer6_overlap", "kmer6_nonoverlap"])
+def test_kmer_pad_multiple_never_reaches_a_training_row(name):
+    """Why data.kmer_pad_multiple is no architecture field: the pipeline crops/pads each record to
+    train.seq_len with the same PAD, so the tokenizer's own padding leaves every row unchanged."""
+    from nucgpt.data.pipeline import LmExample
+    from nucgpt.data.records import encode_record
+
+    rng = np.random.default_rng(2)
+    for bp in (40, 100, 8192):  # shorter and longer than a row of 20 tokens
+        record = encode_record("chr1", 0, rng.choice(list(b"ACGTNacgt"), bp).astype(np.uint8).tobytes())
+        rows = [LmExample(get_tokenizer(name, pad_multiple=m), 20, 0.0).random_map(record, None) for m in (1, 8, 512)]
+        for row in rows[1:]:
+            assert row.keys() == rows[0].keys()
+            for key in row:
+                np.testing.assert_array_equal(row[key], rows[0][key], err_msg=f"{name} {bp} bp {key}")

@@ -32,6 +32,7 @@ _INTEGER = re.compile(r"^-?\d+$")
 class LabelledSequences:
     sequences: tuple[str, ...]
     labels_N: np.ndarray  # int32 label ids into class_names
+    origins: tuple[str, ...] = ()  # per sequence, where it was read (`file:line` or the .txt file), for errors
 
     def __len__(self) -> int:
         return len(self.sequences)
@@ -56,9 +57,9 @@ def load(path: str, test_fraction: float, split_seed: int) -> ClassificationData
         raise UserError(f"data.path {path!r} does not exist: give a Genomic Benchmarks dataset folder or a CSV/TSV file")
     if root.is_dir():
         return _read_benchmark_folder(root)
-    sequences, label_texts = read_table(root)
+    sequences, label_texts, origins = _read_table_rows(root)
     class_names, labels_N = _label_ids(label_texts, root)
-    everything = LabelledSequences(tuple(sequences), labels_N)
+    everything = LabelledSequences(tuple(sequences), labels_N, tuple(origins))
     train_N, test_N = stratified_split(labels_N, test_fraction, split_seed)
     if len(test_N) == 0:
         counts = {name: int(np.sum(labels_N == i)) for i, name in enumerate(class_names)}
@@ -82,14 +83,15 @@ def _read_benchmark_folder(root: pathlib.Path) -> ClassificationData:
         raise UserError(f"{root}: train classes {list(class_names)} differ from test classes {list(test_classes)}")
     read = {}
     for name, folder in splits.items():
-        sequences, labels = [], []
+        sequences, labels, origins = [], [], []
         for label, class_name in enumerate(class_names):
             for file in sorted((folder / class_name).glob("*.txt")):
                 sequences.append(_checked_sequence(file.read_text().strip(), str(file)))
                 labels.append(label)
+                origins.append(str(file))
         if not sequences:
             raise UserError(f"{folder} holds no <class>/<id>.txt sequence files")
-        read[name] = LabelledSequences(tuple(sequences), np.asarray(labels, np.int32))
+        read[name] = LabelledSequences(tuple(sequences), np.asarray(labels, np.int32), tuple(origins))
     return ClassificationData(read["train"], read["test"], class_names, {"kind": "given"})
 
 
@@ -101,6 +103,13 @@ def _class_folders(split: pathlib.Path) -> tuple[str, ...]:
 def read_table(path: pathlib.Path) -> tuple[list[str], list[str]]:
     """Sequence and label columns of a CSV/TSV (plain or gzip, UTF-8 with or without a byte-order
     mark); the header, if any, names them. Errors name the file's own line numbers."""
+    sequences, labels, _ = _read_table_rows(path)
+    return sequences, labels
+
+
+def _read_table_rows(path: pathlib.Path) -> tuple[list[str], list[str], list[str]]:
+    """`read_table` plus each row's `file:line`, so later checks (a sequence too short to tokenize)
+    can name the line too."""
     data = path.read_bytes()
     if data[:2] == b"\x1f\x8b":
         try:
@@ -121,7 +130,7 @@ def read_table(path: pathlib.Path) -> tuple[list[str], list[str]]:
     body = numbered[1:] if has_header else numbered
     if not body:
         raise UserError(f"{path} has a header but no rows")
-    sequences, labels = [], []
+    sequences, labels, origins = [], [], []
     for line_number, row in body:
         if len(row) <= max(sequence_column, label_column):
             raise UserError(f"{path}:{line_number}: expected at least {max(sequence_column, label_column) + 1} columns, got {len(row)}")
@@ -129,7 +138,8 @@ def read_table(path: pathlib.Path) -> tuple[list[str], list[str]]:
         labels.append(row[label_column].strip())
         if not labels[-1]:
             raise UserError(f"{path}:{line_number}: empty label")
-    return sequences, labels
+        origins.append(f"{path}:{line_number}")
+    return sequences, labels, origins
 
 
 def _columns(rows: list[list[str]], path: pathlib.Path) -> tuple[int, int, bool]:
@@ -193,7 +203,22 @@ def stratified_split(labels_N: np.ndarray, test_fraction: float, seed: int) -> t
 
 
 def _subset(data: LabelledSequences, indices_N: np.ndarray) -> LabelledSequences:
-    return LabelledSequences(tuple(data.sequences[i] for i in indices_N), data.labels_N[indices_N])
+    origins = tuple(data.origins[i] for i in indices_N) if data.origins else ()
+    return LabelledSequences(tuple(data.sequences[i] for i in indices_N), data.labels_N[indices_N], origins)
+
+
+def check_min_length(data: LabelledSequences, min_bp: int, token: str, split: str) -> None:
+    """One error naming the first sequence shorter than `min_bp` (one `token`) by its file and line:
+    the tokenizer gives it no token with content (none, or a lone UNK), so its row would train and
+    be scored as padding alone."""
+    short = [i for i, sequence in enumerate(data.sequences) if len(sequence) < min_bp]
+    if short:
+        first = short[0]
+        where = data.origins[first] if data.origins else f"{split} sequence {first + 1}"
+        others = f" ({len(short) - 1} more in the {split} split)" if len(short) > 1 else ""
+        raise UserError(f"{where}: a {len(data.sequences[first])} bp sequence is shorter than one {token} token "
+                        f"({min_bp} bp), so the model would read none of its bases; give sequences of at least "
+                        f"{min_bp} bp{others}")
 
 
 def bucket_lengths(max_len: int, smallest: int = 64) -> tuple[int, ...]:

@@ -43,8 +43,10 @@ def dataset(config: ConfigDict) -> cd.ClassificationData:
 
 @functools.lru_cache(maxsize=8)
 def _tokenized(path: str, test_fraction: float, split_seed: int, tokenizer_name: str, split: str) -> cd.TokenizedSplit:
+    """The split's token ids; a sequence shorter than one token is refused (validate calls this before training)."""
     sequences = getattr(_load(path, test_fraction, split_seed), split)
     tokenizer = get_tokenizer(tokenizer_name, pad_multiple=1)  # bucketing pads; no tokenizer padding
+    cd.check_min_length(sequences, tokenizer.k, tokenizer.name, split)
     return cd.TokenizedSplit(tuple(tokenizer.encode(s)[0] for s in sequences.sequences), sequences.labels_N)
 
 
