@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import re
 import shutil
 from typing import IO, Iterator
 
@@ -65,10 +66,31 @@ def sibling_tmp_folder(out_dir: str) -> str:
     made with the umask's mode, as every other output (mkdtemp's would be private, 0700)."""
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
+    _remove_stale_tmp_folders(parent, os.path.basename(out_dir))
     tmp_dir = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{os.getpid()}")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     os.makedirs(tmp_dir)
     return tmp_dir
+
+
+def _remove_stale_tmp_folders(parent: str, name: str) -> None:
+    """Hidden temporary folders of earlier runs for the same output whose process is gone (killed
+    mid-write): the work they held is lost anyway, and they would stay forever."""
+    pattern = re.compile(rf"^\.{re.escape(name)}\.tmp-(\d+)(\.old)?$")
+    for entry in os.listdir(parent):
+        match = pattern.match(entry)
+        if match and not _process_alive(int(match[1])):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def replace_folder(tmp_dir: str, out_dir: str) -> None:

@@ -12,6 +12,8 @@ the libraries' INFO logs (orbax, jax) are hidden unless asked for: `--verbosity=
 """
 
 import math
+import os
+import shutil
 import signal
 import sys
 import time
@@ -255,10 +257,16 @@ def train(config: ConfigDict, workdir: str, mesh, task: Task) -> int:
     check_workdir(workdir)
     if config.eval_only and latest_step_dir(workdir) is None:
         raise _nothing_to_evaluate(workdir, "no checkpoint")
-    if process_index == 0:
-        task.prepare_data(config)
-    _barrier("nucgpt-prepared")
-    task.validate(config)
+    new_workdir = "://" not in workdir and not os.path.exists(workdir)
+    try:
+        if process_index == 0:
+            task.prepare_data(config)
+        _barrier("nucgpt-prepared")
+        task.validate(config)
+    except UserError:
+        if new_workdir and process_index == 0:  # a refused run leaves no folder behind, not even its generated data
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
     trainer = build_trainer(config, mesh)
     checkpoints = Checkpoints(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     train_iterator = task.train_iterator(config, process_index, process_count)

@@ -125,9 +125,11 @@ FILES = {"syntax.py": "def get_config(:\n", "no_get.py": "x = 1\n", "a_file": ""
         (["--config", "{tmp}/no_get.py"], "error: --config: the config file defines no get_config() function"),
         (["--config", "configs/pretrain.py:demo", "--workdir", "{tmp}/a_file/w"], "error: --workdir {tmp}/a_file/w: {tmp}/a_file is a file, not a folder"),
         (["--config", "configs/finetune.py:demo", "--config.classify.test_fraction=1.5"], "error: classify.test_fraction: must lie in (0, 1)"),
+        # refused only once the generated task's data is there: the data it generated goes with the new workdir
+        (["--config", "configs/finetune.py:demo", "--config.classify.num_classes=3"], "error: classify.num_classes: 3, but "),
     ],
     ids=["unknown-key", "unknown-preset", "batch-vs-devices", "no-manifest", "no-config-file", "config-syntax", "no-get-config",
-         "workdir-under-a-file", "finetune-fraction"],
+         "workdir-under-a-file", "finetune-fraction", "finetune-classes-vs-data"],
 )
 def test_command_line_errors_are_one_line_exit_2(args, message, tmp_path):
     for name, text in FILES.items():

@@ -2,6 +2,7 @@
 
 import errno
 import os
+import subprocess
 
 import pytest
 
@@ -64,3 +65,19 @@ def test_synthetic_genome_under_a_file_is_refused_and_writes_nothing(tmp_path):
         synthetic.write_genome(tmp_path / "a_file" / "g.fa", bp=1000, seed=0)
     synthetic.write_genome(tmp_path / "g.fa.gz", bp=1000, seed=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "g.fa.gz"]  # no temporary left beside it
+
+
+def test_temporary_folders_of_killed_runs_are_removed_by_the_next(tmp_path):
+    """A prepare killed mid-write leaves `.out.tmp-<pid>`; the next run for that output removes it
+    when the process is gone, and never one of a live process or of another output."""
+    from nucgpt.files import sibling_tmp_folder
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid no process holds now
+    stale = [tmp_path / f".out.tmp-{dead.pid}", tmp_path / f".out.tmp-{dead.pid}.old"]
+    kept = [tmp_path / f".out.tmp-{os.getppid()}", tmp_path / f".other.tmp-{dead.pid}"]
+    for folder in stale + kept:
+        folder.mkdir()
+    fresh = sibling_tmp_folder(str(tmp_path / "out"))
+    assert fresh == str(tmp_path / f".out.tmp-{os.getpid()}")
+    assert not any(folder.exists() for folder in stale) and all(folder.exists() for folder in kept)
