@@ -317,7 +317,12 @@ class Checkpoints:
                 target = aside / str(step)
                 if target.exists():
                     target = aside / f"{step}.{os.getpid()}"
-                (self.directory / str(step)).rename(target)
+                try:
+                    (self.directory / str(step)).rename(target)
+                except Exception as e:  # noqa: BLE001 — a store that cannot rename folders (the save at that step will say so)
+                    print(f"warning: could not move the unreadable checkpoint step {step} aside ({e}); delete "
+                          f"{self.directory / str(step)} before the run reaches step {step}", flush=True)
+                    continue
                 print(f"moved the unreadable checkpoint step {step} to {target} (delete it once looked at)", flush=True)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils

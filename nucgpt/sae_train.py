@@ -218,6 +218,9 @@ class Progress:
         restored = self.manager().restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=checkpoint.IteratorRestore(iterator),
             run=ocp.args.JsonRestore()))
+        if restored["data"] != "restored":  # the handler's outcome: "missing", or why the state did not apply
+            print(f"warning: the data-iterator state saved at step {step} {'is missing' if restored['data'] == 'missing' else restored['data']}; "
+                  "the windows restart from the beginning", flush=True)
         print(f"resumed from step {step} saved in {self.directory}", flush=True)
         return restored["state"], step, restored["run"]["log"], restored["run"]["tokens"]
 
