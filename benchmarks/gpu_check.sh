@@ -43,8 +43,73 @@ bounded() {  # seconds command...: `timeout` clipped to what is left before the 
   left=$(remaining_s)
   [ "$left" -lt "$limit" ] && limit=$left
   [ "$limit" -ge 5 ] || return 124
-  timeout -k 10 "$limit" "$@"
+  # In the background, waited for: a trapped signal interrupts `wait` at once (not after the step), and the
+  # trap stops the step (`timeout` runs in its own process group, which a signal to ours does not reach).
+  timeout -k 10 "$limit" "$@" <&0 &
+  CHILD=$!
+  local rc=0
+  wait "$CHILD" || rc=$?
+  CHILD=""
+  return $rc
 }
+CHILD=""
+ATTENTION_LINE="" ATTENTION_B8_LINE="" RESIDUALS_LINE="" PROFILE_TABLE=""
+
+# --- the table, printed last (also when a signal stops the run: what ran is still shown) ----------------
+TABLE_PRINTED=0
+print_table() {
+  [ "$TABLE_PRINTED" = 1 ] && return
+  TABLE_PRINTED=1
+  log "total ${SECONDS}s"
+  if [ -n "$PROFILE_TABLE" ] && [ -s "$PROFILE_TABLE" ]; then  # the profile's own table (its JSON is in profile.jsonl)
+    echo; grep -v '^{' "$PROFILE_TABLE" | grep -v '^[IWE][0-9]' | grep -v '^\s*$' | tail -45 | tee -a "$LOG"
+  fi
+  "$PY" - "$RESULTS" "$ATTENTION_LINE" "$ATTENTION_B8_LINE" "$RESIDUALS_LINE" <<'EOF' | tee -a "$LOG"
+import json, sys
+
+records = []
+for line in open(sys.argv[1]):
+    if line.strip():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            records.append({"variant": "?", "error": "unparsable line", "message": line.strip()})
+ran = [r for r in records if "tokens_per_sec" in r]
+hf_compile = next((r["tokens_per_sec"] for r in ran if r.get("variant") == "hf_compile"), None)
+print()
+print("\n".join(sys.argv[2:]))
+print(f"{'variant':<34}{'tokens/s':>11}{'MFU':>8}{'TFLOP/s':>9}{'peak GiB':>10}{'step ms':>9}{'sync ms':>9}"
+      f"{'compile s':>10}{'/HF cmp':>9}")
+for r in records:
+    if "tokens_per_sec" not in r:
+        print(f"{r.get('variant', '?'):<34}  {r.get('error')}: {r.get('message', '')[:80]}")
+        continue
+    mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}"
+    memory = "n/a" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**30:.1f}"
+    compile_s = "n/a" if r["compile_time_s"] is None else f"{r['compile_time_s']:.0f}"
+    ratio = f"{r['tokens_per_sec'] / hf_compile:.2f}x" if hf_compile else "n/a"
+    sync = r.get("step_time_s_synchronous")  # the same executable timed one step at a time (--compare_timing)
+    sync = "" if sync is None else f"{sync * 1e3:.1f}"
+    print(f"{r['variant']:<34}{r['tokens_per_sec']:>11,.0f}{mfu:>8}{r['tflops_per_device']:>9.0f}{memory:>10}"
+          f"{r['step_time_s']['median'] * 1e3:>9.1f}{sync:>9}{compile_s:>10}{ratio:>9}")
+ours = [r for r in ran if r.get("tool") == "mfu"]
+if ours:
+    best = max(ours, key=lambda r: r["tokens_per_sec"])
+    mfu = "n/a" if best["mfu"] is None else f"{best['mfu']:.1%}"
+    ratio = f"{best['tokens_per_sec'] / hf_compile:.2f}x HF compile" if hf_compile else "no HF compile figure"
+    print(f"best: {best['variant']} {best['tokens_per_sec']:,.0f} tokens/s, MFU {mfu}, {ratio} "
+          f"(targets: MFU >= 55%, >= 1.50x HF compile) on {best['device_kind']}")
+EOF
+  rm -rf "$WORK"
+}
+# A trap runs inside the call it interrupted, whose output may go to a variant's file: print to the script's own.
+exec 3>&1
+on_signal() {
+  [ -n "$CHILD" ] && kill -TERM "$CHILD" 2>/dev/null
+  { log "stopped by a signal: the table of what ran"; print_table; } >&3 2>&1
+  exit 143
+}
+trap on_signal TERM INT
 record_failure() {  # variant error message → a JSON line, so the table shows what did not run
   "$PY" -c 'import json,sys; print(json.dumps(dict(variant=sys.argv[1], error=sys.argv[2], message=sys.argv[3])))' \
     "$1" "$2" "$3" >>"$RESULTS"
@@ -153,7 +218,7 @@ clipped_limit() {  # seconds: the limit, or less when the deadline is nearer
 }
 out_of_memory() {  # rc log: the tool's own OOM exit, or an allocation failure (not XLA's "not a failure" warning)
   [ "$1" = 3 ] && return 0
-  grep -E "RESOURCE_EXHAUSTED|[Oo]ut of memory" "$2" | grep -qv "not a failure"
+  grep -E "RESOURCE_EXHAUSTED|[Oo]ut of memory" "$2" | grep -v "not a failure" >/dev/null  # no -q: pipefail + SIGPIPE
 }
 run_mfu() {  # label batch remat scan flagset(default|tuned|cublaslt) [extra args, comma-separated]
   local label=$1 batch=$2 remat=$3 scan=$4 flagset=$5 extra=${6:-} rc flags="" started=$SECONDS limit
@@ -217,7 +282,6 @@ run_profile() {  # label batch remat scan: where the step's device time goes (be
     log "$label: FAILED rc $rc"; tail -15 "$WORK/$label.txt"
   fi
 }
-PROFILE_TABLE=""
 run_hf() {  # mode(eager|compile) batch
   local label=hf_$1 rc need=60 limit=$VARIANT_TIMEOUT_S
   [ "$1" = compile ] && need=150 && limit=$((VARIANT_TIMEOUT_S + 90))  # inductor compiles fwd + bwd first
@@ -236,56 +300,6 @@ run_hf() {  # mode(eager|compile) batch
   fi
 }
 
-# --- 5. the table, last (also when a signal stops the run: what ran is still shown) ---------------------
-TABLE_PRINTED=0
-print_table() {
-  [ "$TABLE_PRINTED" = 1 ] && return
-  TABLE_PRINTED=1
-  log "total ${SECONDS}s"
-  if [ -n "$PROFILE_TABLE" ] && [ -s "$PROFILE_TABLE" ]; then  # the profile's own table (its JSON is in profile.jsonl)
-    echo; grep -v '^{' "$PROFILE_TABLE" | grep -v '^[IWE][0-9]' | grep -v '^\s*$' | tail -45 | tee -a "$LOG"
-  fi
-  "$PY" - "$RESULTS" "$ATTENTION_LINE" "$ATTENTION_B8_LINE" "$RESIDUALS_LINE" <<'EOF' | tee -a "$LOG"
-import json, sys
-
-records = []
-for line in open(sys.argv[1]):
-    if line.strip():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            records.append({"variant": "?", "error": "unparsable line", "message": line.strip()})
-ran = [r for r in records if "tokens_per_sec" in r]
-hf_compile = next((r["tokens_per_sec"] for r in ran if r.get("variant") == "hf_compile"), None)
-print()
-print("\n".join(sys.argv[2:]))
-print(f"{'variant':<34}{'tokens/s':>11}{'MFU':>8}{'TFLOP/s':>9}{'peak GiB':>10}{'step ms':>9}{'sync ms':>9}"
-      f"{'compile s':>10}{'/HF cmp':>9}")
-for r in records:
-    if "tokens_per_sec" not in r:
-        print(f"{r.get('variant', '?'):<34}  {r.get('error')}: {r.get('message', '')[:80]}")
-        continue
-    mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}"
-    memory = "n/a" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**30:.1f}"
-    compile_s = "n/a" if r["compile_time_s"] is None else f"{r['compile_time_s']:.0f}"
-    ratio = f"{r['tokens_per_sec'] / hf_compile:.2f}x" if hf_compile else "n/a"
-    sync = r.get("step_time_s_synchronous")  # the same executable timed one step at a time (--compare_timing)
-    sync = "" if sync is None else f"{sync * 1e3:.1f}"
-    print(f"{r['variant']:<34}{r['tokens_per_sec']:>11,.0f}{mfu:>8}{r['tflops_per_device']:>9.0f}{memory:>10}"
-          f"{r['step_time_s']['median'] * 1e3:>9.1f}{sync:>9}{compile_s:>10}{ratio:>9}")
-ours = [r for r in ran if r.get("tool") == "mfu"]
-if ours:
-    best = max(ours, key=lambda r: r["tokens_per_sec"])
-    mfu = "n/a" if best["mfu"] is None else f"{best['mfu']:.1%}"
-    ratio = f"{best['tokens_per_sec'] / hf_compile:.2f}x HF compile" if hf_compile else "no HF compile figure"
-    print(f"best: {best['variant']} {best['tokens_per_sec']:,.0f} tokens/s, MFU {mfu}, {ratio} "
-          f"(targets: MFU >= 55%, >= 1.50x HF compile) on {best['device_kind']}")
-EOF
-  rm -rf "$WORK"
-}
-# A trap runs inside the call it interrupted, whose output may go to a variant's file: print to the script's own.
-exec 3>&1
-trap '{ log "stopped by a signal: the table of what ran"; print_table; } >&3 2>&1; exit 143' TERM INT
 
 # Measured on an H100 (benchmarks/NOTES.md): unrolled layers beat scanned by 8-10%, remat none fits batch 8
 # (RMSNorm and GeLU recompute on their own), default XLA flags beat the tuned set by ~2%. Since then: the

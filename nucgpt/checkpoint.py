@@ -18,6 +18,7 @@ import os
 from typing import Any, Mapping
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from ml_collections import ConfigDict
@@ -53,11 +54,14 @@ class IteratorStateHandler(ocp.CheckpointHandler):
         path = directory / _iterator_file()
         if not path.exists():
             return "missing"
-        payload = json.loads(path.read_text())
-        state = payload["bytes"].encode("latin-1") if "bytes" in payload else payload["state"]
+        try:
+            payload = json.loads(path.read_text())
+            state = payload["bytes"].encode("latin-1") if "bytes" in payload else payload["state"]
+        except (ValueError, KeyError, TypeError) as e:  # a damaged position file: the parameters are still good
+            return f"could not be read ({type(e).__name__}: {_first_line(e)})"
         stored, current = payload.get("pipeline") or {}, args.pipeline
         outcome = "restored"
-        if stored and current and stored != current:
+        if stored and current and any(stored.get(key) != value for key, value in current.items()):
             state, outcome = _converted_position(state, stored, current)
             if state is None:
                 return outcome
@@ -77,6 +81,15 @@ class IteratorStateHandler(ocp.CheckpointHandler):
         pass
 
 
+def _every_process(ok: bool) -> bool:
+    """`ok` on every process (an all-gather when there are several): the decision all of them act on."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
 def _iterator_file() -> str:
     return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
 
@@ -85,7 +98,10 @@ def data_pipeline(config: ConfigDict | None) -> dict:
     """The settings a saved data position depends on."""
     if config is None:
         return {}
-    return {"global_batch_size": config.train.global_batch_size, "num_workers": config.data.get("num_workers", 0)}
+    pipeline = {"global_batch_size": config.train.global_batch_size}
+    if config.get("task", "pretrain") == "pretrain":  # Grain's worker processes; the fine-tuning iterator has none
+        pipeline["num_workers"] = config.data.get("num_workers", 0)
+    return pipeline
 
 
 def _converted_position(state: Any, stored: Mapping, current: Mapping) -> tuple[Any, str]:
@@ -236,10 +252,13 @@ class Checkpoints:
         targets = {"params": abstract_state["params"], "train": {"step": abstract_state["step"], "opt_state": abstract_state["opt_state"]}}
         for i, step in enumerate(steps):
             step_dir = self.directory / str(step)
+            error = None
             try:
                 stored_shapes = {name: _stored_shapes(step_dir / name) for name in targets}
             except Exception as e:  # noqa: BLE001 — unreadable metadata is a corrupt or partial step
-                self._report_unreadable(step, e, steps[i + 1 :])
+                error = e
+            if not _every_process(error is None):  # one process alone falling back would deadlock the rest
+                self._report_unreadable(step, error, steps[i + 1 :])
                 unreadable.append(step)
                 continue
             mismatch = _config_mismatch(config, step_dir) if config is not None else None
@@ -251,6 +270,7 @@ class Checkpoints:
                     f"checkpoint {step_dir} does not match the config: {mismatch}; "
                     f"use a new --workdir, or the settings in {self.directory.parent / CONFIG_FILE}"
                 )
+            restored, error = None, None
             try:
                 restored = self.manager.restore(
                     step,
@@ -261,7 +281,9 @@ class Checkpoints:
                     ),
                 )
             except Exception as e:  # noqa: BLE001 — shapes match, so a failure to read means damaged files
-                self._report_unreadable(step, e, steps[i + 1 :])
+                error = e
+            if not _every_process(error is None):
+                self._report_unreadable(step, error, steps[i + 1 :])
                 unreadable.append(step)
                 continue
             self._report_data_position(step, restored["data"])
@@ -309,10 +331,12 @@ class Checkpoints:
         """Unreadable steps newer than the restored one → `<workdir>/checkpoints_unreadable/`: kept for a
         look, and out of the way (orbax would neither save those steps again nor count them as kept)."""
         if not steps:
-            return
+            return  # every process agreed on the same list (`_every_process`), so all return here together
         aside = self.directory.parent / f"{CHECKPOINT_DIR}_unreadable"
         if jax.process_index() == 0:
             aside.mkdir(parents=True, exist_ok=True)
+            # an object store has no empty folders: a file makes the prefix exist before anything is renamed into it
+            (aside / "README.txt").write_text("checkpoint steps that failed to restore, moved here by nucgpt.train\n")
             for step in steps:
                 target = aside / str(step)
                 if target.exists():
@@ -330,13 +354,10 @@ class Checkpoints:
             multihost_utils.sync_global_devices("nucgpt-moved-unreadable-checkpoints")
         self.manager.reload()
 
-    def _report_unreadable(self, step: int, error: Exception, older_steps: list[int]) -> None:
+    def _report_unreadable(self, step: int, error: Exception | None, older_steps: list[int]) -> None:
         fallback = f"falling back to step {older_steps[0]}" if older_steps else "no older checkpoint"
-        print(
-            f"warning: checkpoint step {step} in {self.directory} is corrupt or partial "
-            f"({type(error).__name__}: {_first_line(error)}); {fallback}",
-            flush=True,
-        )
+        reason = f"{type(error).__name__}: {_first_line(error)}" if error is not None else "another process could not read it"
+        print(f"warning: checkpoint step {step} in {self.directory} is corrupt or partial ({reason}); {fallback}", flush=True)
 
     def wait(self) -> None:
         with self._save_errors_as_one_line():

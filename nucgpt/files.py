@@ -4,6 +4,7 @@ import contextlib
 import os
 import re
 import shutil
+import socket
 from typing import IO, Iterator
 
 from nucgpt.errors import UserError
@@ -67,16 +68,18 @@ def sibling_tmp_folder(out_dir: str) -> str:
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     _remove_stale_tmp_folders(parent, os.path.basename(out_dir))
-    tmp_dir = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{os.getpid()}")
+    tmp_dir = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{socket.gethostname()}-{os.getpid()}")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     os.makedirs(tmp_dir)
     return tmp_dir
 
 
 def _remove_stale_tmp_folders(parent: str, name: str) -> None:
-    """Hidden temporary folders of earlier runs for the same output whose process is gone (killed
-    mid-write): the work they held is lost anyway, and they would stay forever."""
-    pattern = re.compile(rf"^\.{re.escape(name)}\.tmp-(\d+)(\.old)?$")
+    """Hidden temporary folders of earlier runs on this host for the same output whose process is gone
+    (killed mid-write): the work they held is lost anyway, and they would stay forever. Another
+    host's (a shared disk) cannot be told dead from here, and a `.old` folder (the previous output,
+    moved while being replaced) may be the only copy: both stay."""
+    pattern = re.compile(rf"^\.{re.escape(name)}\.tmp-{re.escape(socket.gethostname())}-(\d+)$")
     for entry in os.listdir(parent):
         match = pattern.match(entry)
         if match and not _process_alive(int(match[1])):

@@ -163,8 +163,8 @@ def test_iupac_codes_read_as_n_keeping_case_as_prepare_does(tmp_path):
     """A table or folder holding ambiguity codes (R, y, ...) trains on them as N, as a prepared genome does."""
     (tmp_path / "codes.csv").write_text("dna,y\nACRYa,1\nKMSWc,0\nBDHVg,1\nrykmt,0\n")  # header in IUPAC letters
     assert cd.read_table(tmp_path / "codes.csv") == (["ACNNa", "NNNNc", "NNNNg", "nnnnt"], ["1", "0", "1", "0"])
-    (tmp_path / "headerless.tsv").write_text("ACRYa\t1\nKMSWc\t0\n")  # a first row with codes is still a sequence
-    assert cd.read_table(tmp_path / "headerless.tsv") == (["ACNNa", "NNNNc"], ["1", "0"])
+    (tmp_path / "extra.csv").write_text("chr,start,strand,sequence,label\nchr1,5,+,ACGTR,1\nchr1,9,-,ACGTT,0\n")
+    assert cd.read_table(tmp_path / "extra.csv") == (["ACGTN", "ACGTT"], ["1", "0"])  # `strand`, `start`: IUPAC letters too
     for split in ("train", "test"):
         for label in ("negative", "positive"):
             (tmp_path / "folder" / split / label).mkdir(parents=True)

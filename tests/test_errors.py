@@ -2,6 +2,7 @@
 
 import errno
 import os
+import socket
 import subprocess
 
 import pytest
@@ -74,10 +75,13 @@ def test_temporary_folders_of_killed_runs_are_removed_by_the_next(tmp_path):
 
     dead = subprocess.Popen(["true"])
     dead.wait()  # a pid no process holds now
-    stale = [tmp_path / f".out.tmp-{dead.pid}", tmp_path / f".out.tmp-{dead.pid}.old"]
-    kept = [tmp_path / f".out.tmp-{os.getppid()}", tmp_path / f".other.tmp-{dead.pid}"]
+    host = socket.gethostname()
+    stale = [tmp_path / f".out.tmp-{host}-{dead.pid}"]
+    kept = [tmp_path / f".out.tmp-{host}-{os.getppid()}", tmp_path / f".other.tmp-{host}-{dead.pid}",
+            tmp_path / f".out.tmp-otherhost-{dead.pid}",  # another host's: cannot be told dead from here
+            tmp_path / f".out.tmp-{host}-{dead.pid}.old"]  # a previous output caught mid-replace: maybe the only copy
     for folder in stale + kept:
         folder.mkdir()
     fresh = sibling_tmp_folder(str(tmp_path / "out"))
-    assert fresh == str(tmp_path / f".out.tmp-{os.getpid()}")
+    assert fresh == str(tmp_path / f".out.tmp-{host}-{os.getpid()}")
     assert not any(folder.exists() for folder in stale) and all(folder.exists() for folder in kept)

@@ -145,7 +145,8 @@ def _read_table_rows(path: pathlib.Path) -> tuple[list[str], list[str], list[str
 def _columns(rows: list[list[str]], path: pathlib.Path) -> tuple[int, int, bool]:
     """(sequence column, label column, has header): by header names, else by content."""
     names = [cell.strip().lower() for cell in rows[0]]
-    has_header = not any(_is_dna(cell) for cell in rows[0])
+    names_a_column = any(cell.strip().lower() in SEQUENCE_COLUMN_NAMES + LABEL_COLUMN_NAMES for cell in rows[0])
+    has_header = names_a_column or not any(_is_dna(cell) for cell in rows[0])
     if has_header:
         sequence_column = next((i for i, n in enumerate(names) if n in SEQUENCE_COLUMN_NAMES), None)
         label_column = next((i for i, n in enumerate(names) if n in LABEL_COLUMN_NAMES), None)
@@ -162,10 +163,14 @@ def _columns(rows: list[list[str]], path: pathlib.Path) -> tuple[int, int, bool]
     return dna_columns[0], other_columns[0], False
 
 
+_PLAIN_DNA = re.compile(r"^[ACGTNacgtn]+$")
+
+
 def _is_dna(cell: str) -> bool:
-    """A sequence, not a column name: `dna` and `y` are spelt in IUPAC letters."""
+    """A first-row cell that is a sequence, not a column name. Only plain ACGTN counts here: column
+    names such as `strand`, `start`, `gc`, `dna` or `y` are spelt in IUPAC letters too."""
     cell = cell.strip()
-    return bool(_DNA.match(cell)) and cell.lower() not in SEQUENCE_COLUMN_NAMES + LABEL_COLUMN_NAMES
+    return bool(_PLAIN_DNA.match(cell)) and cell.lower() not in SEQUENCE_COLUMN_NAMES + LABEL_COLUMN_NAMES
 
 
 def _checked_sequence(sequence: str, where: str) -> str:
