@@ -166,12 +166,18 @@ def saved_config(workdir: str) -> dict | None:
         return None
 
 
-def _config_mismatch(config: ConfigDict, step_dir: epath.Path) -> str | None:
-    """What in `config` differs from the config stored with a checkpoint step (None: nothing, or none stored)."""
+def _stored_config(step_dir: epath.Path) -> dict | None:
+    """The config saved with a checkpoint step; None for an older or partial step (its shapes are still compared)."""
     try:
-        stored = json.loads((step_dir / "config" / "metadata").read_text())
+        return json.loads((step_dir / "config" / "metadata").read_text())
     except (OSError, ValueError):
-        return None  # an older or partial step: its shapes are still compared
+        return None
+
+
+def _config_mismatch(config: ConfigDict, stored: Mapping | None) -> str | None:
+    """What in `config` differs from the config stored with a checkpoint step (None: nothing, or none stored)."""
+    if stored is None:
+        return None
     differences = config_checks.architecture_differences(config, stored, sections=("data", "model", "classify"))
     if "task" in stored and stored["task"] != config.task:
         differences.insert(0, f"task={config.task!r} but the checkpoint has {stored['task']!r}")
@@ -261,7 +267,8 @@ class Checkpoints:
                 self._report_unreadable(step, error, steps[i + 1 :])
                 unreadable.append(step)
                 continue
-            mismatch = _config_mismatch(config, step_dir) if config is not None else None
+            stored_config = _stored_config(step_dir) if config is not None else None
+            mismatch = _config_mismatch(config, stored_config)
             mismatch = mismatch or next(
                 filter(None, (_shape_mismatch(name, stored_shapes[name], target) for name, target in targets.items())), None
             )
@@ -287,7 +294,7 @@ class Checkpoints:
                 unreadable.append(step)
                 continue
             self._report_data_position(step, restored["data"])
-            self._report_changed_settings(step, step_dir, config)
+            self._report_changed_settings(step, config, stored_config)
             self._move_aside(unreadable)
             print(f"resumed from checkpoint step {step} in {self.directory}", flush=True)
             return {"step": restored["train"]["step"], "params": restored["params"], "opt_state": restored["train"]["opt_state"]}
@@ -310,14 +317,10 @@ class Checkpoints:
             print(f"warning: checkpoint step {step}: the data-iterator state {outcome}; the data order restarts "
                   "(set those back to continue the data where it stopped)", flush=True)
 
-    def _report_changed_settings(self, step: int, step_dir: epath.Path, config: ConfigDict | None) -> None:
+    def _report_changed_settings(self, step: int, config: ConfigDict | None, stored: Mapping | None) -> None:
         """Run settings that differ from the checkpoint's (a longer run, another learning rate, ...):
         allowed, and said once, since they change the run from here on (the schedule is rebuilt)."""
-        if config is None or jax.process_index() != 0:
-            return
-        try:
-            stored = json.loads((step_dir / "config" / "metadata").read_text())
-        except (OSError, ValueError):
+        if config is None or stored is None or jax.process_index() != 0:
             return
         changed = config_checks.changed_settings(config_to_json(config), stored)
         if changed:

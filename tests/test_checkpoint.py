@@ -262,9 +262,9 @@ def test_a_fine_tune_resumed_with_another_pooling_is_named(tmp_path):
     (tmp_path / "config").mkdir()
     (tmp_path / "config" / "metadata").write_text(stored.to_json())
     config = stored.copy_and_resolve_references()
-    assert checkpoint._config_mismatch(config, epath.Path(tmp_path)) is None
+    assert checkpoint._config_mismatch(config, checkpoint._stored_config(epath.Path(tmp_path))) is None
     config.classify.pooling = "mean" if stored.classify.pooling == "last" else "last"
-    assert checkpoint._config_mismatch(config, epath.Path(tmp_path)).startswith(
+    assert checkpoint._config_mismatch(config, checkpoint._stored_config(epath.Path(tmp_path))).startswith(
         f"classify.pooling={config.classify.pooling!r} but the checkpoint has {stored.classify.pooling!r}")
 
 

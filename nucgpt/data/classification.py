@@ -18,13 +18,16 @@ import zlib
 
 import numpy as np
 
+from nucgpt.data.fasta import IUPAC_CODES
 from nucgpt.errors import UserError
 
 SEQUENCE_COLUMN_NAMES = ("sequence", "seq", "sequences", "dna", "text")
 LABEL_COLUMN_NAMES = ("label", "labels", "class", "target", "y")
 # ACGTN and the IUPAC ambiguity codes, either case; the codes read as N (prepare's policy, README).
-_DNA = re.compile(r"^[ACGTNRYKMSWBDHVacgtnrykmswbdhv]+$")
-_IUPAC_AS_N = str.maketrans("RYKMSWBDHVrykmswbdhv", "N" * 10 + "n" * 10)
+_IUPAC = IUPAC_CODES.decode() + IUPAC_CODES.decode().lower()
+_ALPHABET = "ACGTNacgtn" + _IUPAC
+_DNA = re.compile(rf"^[{_ALPHABET}]+$")
+_IUPAC_AS_N = str.maketrans(_IUPAC, "N" * len(IUPAC_CODES) + "n" * len(IUPAC_CODES))
 _INTEGER = re.compile(r"^-?\d+$")
 
 
@@ -176,7 +179,7 @@ def _is_dna(cell: str) -> bool:
 def _checked_sequence(sequence: str, where: str) -> str:
     """The sequence with IUPAC ambiguity codes as N (case kept), or one error naming the bad characters."""
     if not _DNA.match(sequence):
-        bad = sorted(set(sequence) - set("ACGTNRYKMSWBDHVacgtnrykmswbdhv")) or ["(empty)"]
+        bad = sorted(set(sequence) - set(_ALPHABET)) or ["(empty)"]
         raise UserError(f"{where}: sequence has characters other than ACGTN and the IUPAC codes RYKMSWBDHV: {''.join(bad)[:20]}")
     return sequence.translate(_IUPAC_AS_N)
 
