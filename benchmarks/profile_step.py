@@ -21,6 +21,9 @@ plus the top `--top` kernels by total time (grouped by name without XLA's instan
 fusion summed over every layer). From the model config it prints the matmul and attention
 FLOPs per device and step (`nucgpt.flops`) and the TFLOP/s they imply over each class's own kernel
 time: near ~800 for GEMMs and ~500 for cuDNN attention on an H100 means those kernels are not the gap.
+On a Hopper GPU other than `--estimate_as` (default the H100 SXM), it also estimates the step on that
+device (`as_device`): an H200's profile read as an H100's, since the two share the tensor cores and
+differ in memory bandwidth (4.8 vs 3.35 TB/s). An estimate from class times, never a measurement.
 Caveat: while a profiler runs, XLA executes its command buffers (CUDA graphs) op by op unless
 `--xla_enable_command_buffers_during_profiling=true` is in XLA_FLAGS, so the idle gap can exceed the
 unprofiled step's; compare `host_wall_ms` with benchmarks.mfu's step time.
@@ -48,6 +51,10 @@ from nucgpt.errors import UserError, exits_cleanly_on_user_error, parse_flags
 
 flags.DEFINE_string("trace_dir", "", "keep the trace here (default: a temporary dir, removed at the end)")
 flags.DEFINE_integer("top", 15, "kernels listed, by total time")
+flags.DEFINE_string(
+    "estimate_as", "NVIDIA H100 80GB HBM3",
+    "on another Hopper GPU, also estimate the step on this device kind from the class times ('' = none)",
+)
 FLAGS = flags.FLAGS
 FLAGS.set_default("steps", 3)
 MFU_FLAGS_USED_HERE = ("config", "steps", "warmup", "json_out", "label", "peak_tflops")
@@ -72,6 +79,17 @@ NOT_DEVICE_WORK = re.compile(r"^Memory(Alloc|Free|Residency)")
 OTHER = "other"
 CLASS_NAMES = tuple(name for name, _ in KERNEL_CLASSES) + (OTHER,)
 _CLASS_PATTERNS = tuple((name, re.compile(pattern, re.I)) for name, pattern in KERNEL_CLASSES)
+
+# For `as_device`: Hopper GPUs share the SM design and clocks and differ in memory (vendor sheets, bytes/s),
+# and in the NVL/PCIe parts' lower clocks (their peaks in nucgpt.flops). Most specific first, as there.
+_HBM_BYTES_PER_S = (
+    ("h200", 4.8e12),
+    ("h100 pcie", 2.0e12),
+    ("h100 nvl", 3.9e12),
+    ("h100", 3.35e12),
+)
+ARITHMETIC_CLASSES = ("matmul", "attention")  # bound by the tensor cores: scale with peak FLOP/s
+MEMORY_CLASSES = ("fusion", "copy")  # elementwise and data movement: scale with memory bandwidth at most
 
 GPU_PLANE = "/device:GPU:0"
 TPU_PLANE = "/device:TPU:0"
@@ -236,6 +254,42 @@ def throughput(model_flops: dict[str, float] | None, summary: dict[str, Any], pe
     return result
 
 
+def hbm_bandwidth(device_kind: str) -> float | None:
+    kind = device_kind.lower()
+    return next((bandwidth for key, bandwidth in _HBM_BYTES_PER_S if key in kind), None)
+
+
+def as_device(record: dict[str, Any], target_kind: str) -> dict[str, Any] | None:
+    """The profiled step estimated on another Hopper GPU (an H200's profile read as an H100's).
+
+    Each class's busy time is scaled by what limits it: matmul and attention kernels by the ratio of
+    peak FLOP/s, fusions and copies by the ratio of memory bandwidths, as if every one of them were
+    bandwidth-bound (where one is not, it slows less: moving to a slower memory, the estimate is an
+    upper bound on the step's time); collectives, unclassified kernels and idle gaps stay as they
+    are. None where either device is not in both tables, or the target is the profiled device.
+    An estimate, never a measurement: `step_scale` multiplies a step time measured on this device.
+    """
+    here, target = record["device_kind"], target_kind
+    rates = [(flops.peak_flops_per_device(kind), hbm_bandwidth(kind)) for kind in (here, target)]
+    if not target or here.lower() == target.lower() or None in rates[0] + rates[1]:
+        return None
+    (peak_here, bandwidth_here), (peak_target, bandwidth_target) = rates
+    busy = record["class_busy_ms"]
+    added_ms = sum(busy[name] for name in ARITHMETIC_CLASSES) * (peak_here / peak_target - 1) + sum(
+        busy[name] for name in MEMORY_CLASSES
+    ) * (bandwidth_here / bandwidth_target - 1)
+    window_ms = record["window_ms"] + added_ms
+    model_flops = record["model_flops_per_device_step"]
+    return dict(
+        device_kind=target,
+        window_ms=window_ms,
+        step_scale=window_ms / record["window_ms"],
+        peak_tflops=peak_target / 1e12,
+        bandwidth_ratio=bandwidth_here / bandwidth_target,
+        mfu_over_window=model_flops["total"] / (window_ms * 1e-3) / peak_target if model_flops else None,
+    )
+
+
 def find_xplane(trace_dir: Path, before: set[Path]) -> Path:
     written = sorted(set(trace_dir.rglob("*.xplane.pb")) - before, key=lambda p: p.stat().st_mtime)
     if not written:
@@ -327,6 +381,14 @@ def format_table(record: dict[str, Any]) -> str:
             f"over window {fmt(record['model_tflops_over_window'], '.4g')}"
             + (f" (device peak {record['peak_tflops']:.0f})" if record.get("peak_tflops") else "")
         )
+    estimate = record.get("as_device")
+    if estimate:
+        mfu = "" if estimate["mfu_over_window"] is None else f", MFU over the window {estimate['mfu_over_window']:.1%}"
+        lines.append(
+            f"as {estimate['device_kind']} (an estimate, not a measurement: fusions and copies x "
+            f"{estimate['bandwidth_ratio']:.2f} for its memory): window {estimate['window_ms']:.2f} ms, "
+            f"step x {estimate['step_scale']:.3f}{mfu}"
+        )
     return "\n".join(lines)
 
 
@@ -348,6 +410,9 @@ def main(argv):
     report.check_timing_flags(FLAGS.steps, FLAGS.warmup, FLAGS.peak_tflops)
     if FLAGS.top < 0:
         raise UserError(f"--top must be at least 0, got {FLAGS.top}")
+    if FLAGS.estimate_as and None in (hbm_bandwidth(FLAGS.estimate_as), flops.peak_flops_per_device(FLAGS.estimate_as)):
+        known = ", ".join(key for key, _ in _HBM_BYTES_PER_S)
+        raise UserError(f"--estimate_as={FLAGS.estimate_as!r} names no Hopper GPU this tool knows ({known}); '' for none")
     trace_dir = Path(FLAGS.trace_dir or tempfile.mkdtemp(prefix="profile_step_"))
     trace_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -362,6 +427,7 @@ def main(argv):
             shutil.rmtree(trace_dir, ignore_errors=True)
     if not FLAGS.trace_dir:
         record["trace_file"] = None  # removed with its temporary dir
+    record["as_device"] = as_device(record, FLAGS.estimate_as)
     print(format_table(record), flush=True)
     report.write_json(record, FLAGS.json_out)
 

@@ -131,6 +131,36 @@ def test_model_flops_split_adds_up_to_nucgpt_flops():
     assert split["attention"] == pytest.approx(6 * 12 * 8192 * 8 * 128 * tokens / 2)
 
 
+def profiled(device_kind: str, **class_busy_ms: float) -> dict:
+    busy = dict.fromkeys(profile_step.CLASS_NAMES, 0.0) | class_busy_ms
+    total = 3.62e9 * 65536  # the 500M step at batch 8 x 8192
+    return dict(device_kind=device_kind, class_busy_ms=busy, window_ms=sum(busy.values()) + 10.0,
+                model_flops_per_device_step=dict(total=total))
+
+
+def test_an_h200_profile_read_as_an_h100_slows_only_the_memory_bound_classes():
+    record = profiled("NVIDIA H200", matmul=250.0, attention=100.0, fusion=50.0, copy=5.0, collective=0.0, other=2.0)
+    estimate = profile_step.as_device(record, "NVIDIA H100 80GB HBM3")
+    ratio = 4.8 / 3.35
+    assert estimate["bandwidth_ratio"] == pytest.approx(ratio)
+    # matmul, attention, other and the 10 ms idle unchanged (same tensor cores, same 989 TFLOP/s peak)
+    assert estimate["window_ms"] == pytest.approx(362.0 + 55.0 * ratio)
+    assert estimate["step_scale"] == pytest.approx(estimate["window_ms"] / 417.0)
+    assert estimate["mfu_over_window"] == pytest.approx(3.62e9 * 65536 / (estimate["window_ms"] * 1e-3) / 989e12)
+    # the other way round it is faster, and a lower clocked part (H100 PCIe) also slows its arithmetic
+    assert profile_step.as_device(profiled("NVIDIA H100 80GB HBM3", fusion=50.0), "NVIDIA H200")["step_scale"] < 1
+    pcie = profile_step.as_device(profiled("NVIDIA H200", matmul=100.0), "NVIDIA H100 PCIe")
+    assert pcie["window_ms"] == pytest.approx(10.0 + 100.0 * 989 / 756)
+
+
+def test_no_estimate_for_the_same_device_an_unknown_one_or_none_asked():
+    record = profiled("NVIDIA H100 80GB HBM3", matmul=1.0, fusion=1.0)
+    assert profile_step.as_device(record, "NVIDIA H100 80GB HBM3") is None
+    assert profile_step.as_device(record, "") is None
+    assert profile_step.as_device(profiled("cpu", matmul=1.0), "NVIDIA H100 80GB HBM3") is None
+    assert profile_step.as_device(profiled("NVIDIA A100-SXM4-80GB", matmul=1.0), "NVIDIA H100 80GB HBM3") is None
+
+
 def run_tool(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "benchmarks.profile_step", "--config", "configs/pretrain.py:demo", *TINY, *args],
@@ -157,6 +187,13 @@ def test_profiled_cpu_step_accounts_for_its_time(tmp_path):
     assert record["model_flops_per_device_step"]["matmul"] > 0
     assert Path(record["trace_file"]).is_file() and record["trace_dir_bytes"] > 0
     assert "implied TFLOP/s: matmul class" in proc.stdout
+    assert record["as_device"] is None  # a CPU is no Hopper GPU: nothing estimated
+
+
+def test_unknown_estimate_device_is_refused_in_one_line():
+    proc = run_tool("--estimate_as", "NVIDIA B200")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --estimate_as='NVIDIA B200' names no Hopper GPU")
 
 
 def test_mfu_only_flag_is_refused_in_one_line():
