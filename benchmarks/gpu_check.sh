@@ -21,6 +21,7 @@ LOG=$OUT/gpu_check.log
 RESULTS=$OUT/results.jsonl
 : >"$LOG"
 : >"$RESULTS"
+rm -f "$OUT/profile.jsonl"  # appended to by the profile step: no line from an earlier run
 SMOKE=${GPU_CHECK_SMOKE:-0}
 PY=${PYTHON:-python3}
 DEADLINE_S=${GPU_CHECK_DEADLINE_S:-550}
@@ -316,7 +317,8 @@ run_hf() {  # mode(eager|compile) batch
 # embedding is a one-hot matmul (A/B: gather), steps are timed pipelined as the trainer runs them (A/B inside
 # the first variant via --compare_timing), and cuBLASLt (GeLU epilogue fusion) and RMSNorm's hand-written
 # backward (model.norm_backward=saved_rsqrt) are candidates. Order: the expected best, the peer the target
-# compares it with, the candidates that may beat it, the profile, then the A/B rows.
+# compares it with, the profile (where the time goes; on an H200 also the H100 estimate), the candidates that
+# may beat the best, then the A/B rows.
 # GPU_CHECK_VARIANTS overrides the list: space-separated "label:batch:remat:scan:flagset[:extra,args]" for our
 # step and "hf:mode:batch" for the peer, e.g. GPU_CHECK_VARIANTS="b4u:4:save_matmuls:false:default hf:compile:4".
 if [ -n "${GPU_CHECK_VARIANTS:-}" ]; then
@@ -327,19 +329,19 @@ if [ -n "${GPU_CHECK_VARIANTS:-}" ]; then
 elif [ "$SMOKE" = 1 ]; then
   run_mfu b8_none_default 8 none false default --compare_timing
   run_hf compile 8
+  run_profile b8_none_profile 8 none false
   run_b16_if_it_can_fit b16_none_default
   run_mfu b8_none_normvjp 8 none false default --config.model.norm_backward=saved_rsqrt
   run_mfu b8_none_cublaslt 8 none false cublaslt
-  run_profile b8_none_profile 8 none false
   run_mfu b8_none_gather 8 none false default --config.model.embedding_lookup=gather
   run_mfu b8_smc_scan_tuned 8 save_matmuls true tuned
 else
   run_mfu b8u_none_default 8 none false default --compare_timing
   run_hf compile 4
+  run_profile b8u_none_profile 8 none false
   run_b16_if_it_can_fit b16u_none_default
   run_mfu b8u_none_normvjp 8 none false default --config.model.norm_backward=saved_rsqrt
   run_mfu b8u_none_cublaslt 8 none false cublaslt
-  run_profile b8u_none_profile 8 none false
   run_mfu b8u_none_gather 8 none false default --config.model.embedding_lookup=gather
   run_mfu b4u_none_default 4 none false default
   run_mfu b8u_smc_default 8 save_matmuls false default
