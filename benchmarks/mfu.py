@@ -20,9 +20,13 @@ sweep, exits 3. `--sweep` tries batch sizes × remat policies × attention backe
 is skipped once a smaller one ran out of memory) and reports the fastest that fit; its
 `peak_memory_bytes` is the process's running maximum (the runtime has no reset), so run one
 variant per process (as benchmarks/gpu_check.sh does) for per-variant peaks.
-`--dry_run` compiles for abstract inputs only (nothing allocated): per-device memory and HLO
-statistics, e.g. for the 500M step on a CPU; with `--topology v5p:2x2x1` (libtpu installed, no TPU
-needed) it compiles for that TPU slice.
+`--dry_run` compiles for abstract inputs only (nothing allocated): per-device memory, HLO
+statistics and the bytes each class of kernel moves (benchmarks.hlo_traffic), e.g. for the 500M step
+on a CPU; with `--topology v5p:2x2x1` (libtpu installed, no TPU needed) it compiles for that TPU
+slice, with `--topology h100` / `h200` / `h100x8` (the jax[cuda12] plugin installed, no GPU needed)
+for one or several GPUs of that kind: XLA's own GPU compiler, without autotuning (its default kernel
+choices, e.g. Triton for every GEMM), so memory plans and elementwise traffic are the GPU's, GEMM
+choices may differ from a run's.
 """
 
 import copy
@@ -38,7 +42,7 @@ import jax
 from absl import app, flags
 from ml_collections import ConfigDict, config_flags
 
-from benchmarks import report
+from benchmarks import hlo_traffic, report
 from nucgpt import config as config_checks
 from nucgpt import flops, sharding, step
 from nucgpt.errors import UserError, exits_cleanly_on_user_error, parse_flags
@@ -61,7 +65,8 @@ flags.DEFINE_list("sweep_remat", [], "remat policies to sweep (default: the conf
 flags.DEFINE_list("sweep_attention", [], "attention backends to sweep (default: the config's)")
 flags.DEFINE_bool("dry_run", False, "compile for abstract inputs only: memory and HLO statistics")
 flags.DEFINE_string("topology", "", "with --dry_run: compile for this TPU slice offline, e.g. v5e:2x2, v5p:2x2x1, "
-                    "v3-8 (needs libtpu; JAX_PLATFORMS=cpu skips probing for a local TPU)")
+                    "v3-8 (needs libtpu; JAX_PLATFORMS=cpu skips probing for a local TPU), or for GPUs: h100, "
+                    "h200, h100x8 (needs jax[cuda12])")
 FLAGS = flags.FLAGS
 
 EXIT_OUT_OF_MEMORY = 3
@@ -207,12 +212,62 @@ def measure(config: ConfigDict, steps: int, warmup: int) -> dict[str, Any]:
     )
 
 
+# Deviceless GPU targets for `--topology`: XLA's GpuTargetConfig of each card (NVIDIA datasheets; the
+# runtime and cuDNN versions those of the jax[cuda12] wheels). Compiling needs the CUDA plugin, no GPU.
+_GPU_TARGETS = {
+    "h100": dict(description="NVIDIA H100 80GB HBM3", l2_cache_size=52428800, device_memory_size=84929347584),
+    "h200": dict(description="NVIDIA H200", l2_cache_size=62914560, device_memory_size=150754820096),
+}
+_GPU_TOPOLOGY = re.compile(r"(h100|h200)(?:x([1-9]\d*))?")  # one host: the card, and how many
+_HOPPER_TARGET_CONFIG = """gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: {memory_bandwidth} l2_cache_size: {l2_cache_size} clock_rate_ghz: 1.98
+  device_memory_size: {device_memory_size} shared_memory_per_block_optin: 232448
+  cuda_compute_capability {{ major: 9 }} registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 8 }}
+runtime_version {{ major: 12 minor: 9 }}
+device_description_str: "{description}"
+"""
+
+
+def gpu_topology_devices(name: str) -> list:
+    """Compile-only devices of one host's GPUs, e.g. `h100` or `h100x8`: no GPU needed, only the CUDA
+    plugin (`pip install 'jax[cuda12]'`). Kernels are not autotuned: XLA's default choices."""
+    match = _GPU_TOPOLOGY.fullmatch(name)
+    card, count = match.group(1), int(match.group(2) or 1)
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # the check would look for a GPU
+    from jax.experimental import topologies
+
+    try:
+        topology = topologies.get_topology_desc(
+            platform="cuda", topology_name="",
+            target_config=_HOPPER_TARGET_CONFIG.format(
+                **_GPU_TARGETS[card], memory_bandwidth=int(report.hbm_bandwidth(_GPU_TARGETS[card]["description"]))
+            ),
+            topology=f"1x1x{count}",
+        )
+    except (RuntimeError, NotImplementedError) as e:
+        raise UserError(
+            f"--topology {name}: needs JAX's CUDA plugin (pip install 'jax[cuda12]=={jax.__version__}'): "
+            f"{str(e).splitlines()[0]}"
+        ) from None
+    return list(topology.devices)
+
+
 def topology_devices(name: str) -> list:
     """Compile-only devices of a TPU slice, e.g. `v5e:2x2`, `v5p:2x2x1`, `v3-8`: no TPU needed, only libtpu.
 
     v4 chips are laid out as their VMs run them, one device per chip (megacore); libtpu's default
     would be one per TensorCore. Compiling touches no chip, so libtpu's one-process lock is waived.
     """
+    if _GPU_TOPOLOGY.fullmatch(name):
+        return gpu_topology_devices(name)
+    if name.startswith(("h100", "h200")):
+        raise UserError(f"--topology {name}: a GPU topology is h100 or h200, or hNNNxK for K GPUs of one host (h100x8)")
     from jax.experimental import topologies
 
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -259,6 +314,8 @@ def dry_run(config: ConfigDict) -> dict[str, Any]:
         xla_flops_per_token=(lambda f: f * trainer.mesh.size / tokens if f else None)(xla_flops_per_step(compiled)),
         compiled_memory=memory_analysis(compiled),
         hlo=hlo_statistics(compiled),
+        traffic=hlo_traffic.traffic_by_class(compiled.as_text()),
+        bandwidth=report.hbm_bandwidth(device.device_kind),
         **common_fields(config) | {"backend": device.platform},
         topology=FLAGS.topology or None,
     )
@@ -280,6 +337,9 @@ def format_dry_run(record: dict[str, Any]) -> str:
         + (" (XLA counts a loop body once: scanned layers are under-counted)" if record["hlo"]["while_loops"] else ""),
         "per-device memory: " + ", ".join(f"{k.replace('_size_in_bytes', '')} {gib(v)}" for k, v in memory.items()),
         "HLO: " + ", ".join(f"{k} {v}" for k, v in record["hlo"].items()),
+        "memory traffic of the top-level kernels (benchmarks.hlo_traffic: static bytes, not a timing"
+        + ("; loop bodies not counted" if record["hlo"]["while_loops"] else "") + "):",
+        hlo_traffic.format_traffic(record["traffic"], record["bandwidth"]),
     ]
     return "\n".join(lines)
 

@@ -80,14 +80,8 @@ OTHER = "other"
 CLASS_NAMES = tuple(name for name, _ in KERNEL_CLASSES) + (OTHER,)
 _CLASS_PATTERNS = tuple((name, re.compile(pattern, re.I)) for name, pattern in KERNEL_CLASSES)
 
-# For `as_device`: Hopper GPUs share the SM design and clocks and differ in memory (vendor sheets, bytes/s),
-# and in the NVL/PCIe parts' lower clocks (their peaks in nucgpt.flops). Most specific first, as there.
-_HBM_BYTES_PER_S = (
-    ("h200", 4.8e12),
-    ("h100 pcie", 2.0e12),
-    ("h100 nvl", 3.9e12),
-    ("h100", 3.35e12),
-)
+# For `as_device`: Hopper GPUs share the SM design and clocks and differ in memory (benchmarks.report's
+# bandwidths), and in the NVL/PCIe parts' lower clocks (their peaks in nucgpt.flops).
 ARITHMETIC_CLASSES = ("matmul", "attention")  # bound by the tensor cores: scale with peak FLOP/s
 MEMORY_CLASSES = ("fusion", "copy")  # elementwise and data movement: scale with memory bandwidth at most
 
@@ -254,11 +248,6 @@ def throughput(model_flops: dict[str, float] | None, summary: dict[str, Any], pe
     return result
 
 
-def hbm_bandwidth(device_kind: str) -> float | None:
-    kind = device_kind.lower()
-    return next((bandwidth for key, bandwidth in _HBM_BYTES_PER_S if key in kind), None)
-
-
 def as_device(record: dict[str, Any], target_kind: str) -> dict[str, Any] | None:
     """The profiled step estimated on another Hopper GPU (an H200's profile read as an H100's).
 
@@ -270,7 +259,7 @@ def as_device(record: dict[str, Any], target_kind: str) -> dict[str, Any] | None
     An estimate, never a measurement: `step_scale` multiplies a step time measured on this device.
     """
     here, target = record["device_kind"], target_kind
-    rates = [(flops.peak_flops_per_device(kind), hbm_bandwidth(kind)) for kind in (here, target)]
+    rates = [(flops.peak_flops_per_device(kind), report.hbm_bandwidth(kind)) for kind in (here, target)]
     if not target or here.lower() == target.lower() or None in rates[0] + rates[1]:
         return None
     (peak_here, bandwidth_here), (peak_target, bandwidth_target) = rates
@@ -410,9 +399,10 @@ def main(argv):
     report.check_timing_flags(FLAGS.steps, FLAGS.warmup, FLAGS.peak_tflops)
     if FLAGS.top < 0:
         raise UserError(f"--top must be at least 0, got {FLAGS.top}")
-    if FLAGS.estimate_as and None in (hbm_bandwidth(FLAGS.estimate_as), flops.peak_flops_per_device(FLAGS.estimate_as)):
-        known = ", ".join(key for key, _ in _HBM_BYTES_PER_S)
-        raise UserError(f"--estimate_as={FLAGS.estimate_as!r} names no Hopper GPU this tool knows ({known}); '' for none")
+    if FLAGS.estimate_as and None in (report.hbm_bandwidth(FLAGS.estimate_as), flops.peak_flops_per_device(FLAGS.estimate_as)):
+        raise UserError(
+            f"--estimate_as={FLAGS.estimate_as!r} names no Hopper GPU this tool knows ({report.hbm_kinds()}); '' for none"
+        )
     trace_dir = Path(FLAGS.trace_dir or tempfile.mkdtemp(prefix="profile_step_"))
     trace_dir.mkdir(parents=True, exist_ok=True)
     try:

@@ -19,6 +19,25 @@ RECORD_KEYS = (
 
 TIMINGS = ("pipelined", "synchronous")
 
+# HBM bandwidth in bytes/s by device kind (vendor sheets), matched like nucgpt.flops' peaks: most
+# specific first. Hopper GPUs only: the kinds the offline GPU compile and the H200 → H100 estimate know.
+_HBM_BYTES_PER_S = (
+    ("h200", 4.8e12),
+    ("h100 pcie", 2.0e12),
+    ("h100 nvl", 3.9e12),
+    ("h100", 3.35e12),
+)
+
+
+def hbm_bandwidth(device_kind: str) -> float | None:
+    """Memory bandwidth of one device in bytes/s, or None where the kind is not in the table."""
+    kind = device_kind.lower()
+    return next((bandwidth for key, bandwidth in _HBM_BYTES_PER_S if key in kind), None)
+
+
+def hbm_kinds() -> str:
+    return ", ".join(key for key, _ in _HBM_BYTES_PER_S)
+
 
 def check_timing_flags(steps: int, warmup: int, peak_tflops: float | None) -> None:
     """The flags every timing tool shares, checked before anything is built: one line each."""

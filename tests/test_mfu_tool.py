@@ -1,6 +1,7 @@
 """benchmarks.mfu on CPU: the real trainer step on the demo preset, its JSON fields, and an MFU that
 is null without a known peak and computed from an explicit --peak_tflops, never invented."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -112,3 +113,50 @@ def test_synchronous_timing_waits_for_each_step_before_the_next():
     assert events == [("run", 0), ("wait", 0), ("run", 1), ("wait", 1)]
     with pytest.raises(ValueError, match="timing"):
         report.time_steps(run_step, lambda i: None, 1, "eventually")
+
+
+def test_dry_run_reports_memory_and_the_bytes_each_kernel_class_moves(tmp_path):
+    proc, records = run_mfu(tmp_path, "--dry_run")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = records[0]
+    assert record["dry_run"] and record["compiled_memory"]["estimate"] > 0
+    traffic = record["traffic"]
+    assert traffic["gemm"]["kernels"] > 0 and traffic["elementwise"]["read_bytes"] > 0
+    assert record["bandwidth"] is None  # a CPU: no memory time is printed
+    assert "memory traffic of the top-level kernels" in proc.stdout
+
+
+def has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
+
+
+HAS_CUDA_PLUGIN = has_module("jax_plugins.xla_cuda12")
+
+
+@pytest.mark.skipif(HAS_CUDA_PLUGIN, reason="the CUDA plugin is installed: the GPU compile runs instead")
+def test_gpu_topology_without_the_cuda_plugin_is_one_line(tmp_path):
+    proc, records = run_mfu(tmp_path, "--dry_run", "--topology", "h100")
+    assert proc.returncode == 2 and records == []
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --topology h100: needs JAX's CUDA plugin")
+
+
+@pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs jax[cuda12] (no GPU): pip install 'jax[cuda12]'")
+def test_the_step_compiles_for_an_h100_on_a_host_without_one(tmp_path):
+    proc, records = run_mfu(tmp_path, "--dry_run", "--topology", "h100", "--config.model.compute_dtype=bfloat16")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = records[0]
+    assert (record["device_kind"], record["num_devices"], record["backend"]) == ("NVIDIA H100 80GB HBM3", 1, "gpu")
+    assert record["hlo"]["cudnn_attention_calls"] > 0  # bf16 compute: auto attention is cuDNN on a GPU
+    assert record["bandwidth"] == report.hbm_bandwidth("NVIDIA H100 80GB HBM3")
+    assert "ms at 3.35 TB/s" in proc.stdout
+
+
+def test_a_gpu_topology_name_out_of_pattern_is_one_line(tmp_path):
+    proc, _ = run_mfu(tmp_path, "--dry_run", "--topology", "h100x0")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: --topology h100x0: a GPU topology is h100 or h200, or hNNNxK for K GPUs of one host (h100x8)"
+    )

@@ -173,6 +173,7 @@ def test_remat_policies_keep_loss_and_grads(policy):
         (dict(remat_policy="everything"), "remat_policy"),
         (dict(embedding_lookup="hash"), "model.embedding_lookup"),
         (dict(norm_backward="fused"), "model.norm_backward"),
+        (dict(fused_qkv=True), "fused_qkv=True stacks the q, k and v weights"),  # GQA: 4 query, 2 KV heads
         (dict(attention="flash"), "model.attention"),
         (dict(d_model=0), "model.d_model"),
     ],
@@ -239,3 +240,19 @@ def test_saved_rsqrt_norm_keeps_the_models_loss_and_gradients(scan, policy):
     assert abs(float(loss_n - loss)) <= 1e-6 * abs(float(loss))
     grads_n = nnx.to_pure_dict(grads_n) if scan else _restacked(grads_n)
     assert max_relative_error(grads_n, nnx.to_pure_dict(grads)) < 1e-5
+
+
+@pytest.mark.parametrize("scan, policy", [(True, "none"), (False, "save_matmuls")])
+def test_fused_qkv_keeps_the_models_loss_and_gradients(scan, policy):
+    """One matmul over the stacked q/k/v weights: same parameters, same loss and gradients."""
+    heads = dict(num_heads=4, num_kv_heads=4, scan_layers=scan, remat_policy=policy)
+    separate, fused = (Transformer(tiny_cfg(**heads, fused_qkv=f), rngs=nnx.Rngs(0)) for f in (False, True))
+    assert jax.tree.map(jnp.shape, nnx.state(fused)) == jax.tree.map(jnp.shape, nnx.state(separate))
+    tokens = make_batch()[0]
+    matmuls = lambda model: str(jax.make_jaxpr(lambda t: model(t))(tokens)).count("dot_general")
+    layers_in_jaxpr = 1 if scan else 2  # a scan holds its body once
+    assert matmuls(separate) - matmuls(fused) == 2 * layers_in_jaxpr  # q, k, v: one matmul instead of three
+    loss, grads = loss_and_grads(*nnx.split(separate), *make_batch())
+    loss_f, grads_f = loss_and_grads(*nnx.split(fused), *make_batch())
+    assert abs(float(loss_f - loss)) <= 1e-6 * abs(float(loss))
+    assert max_relative_error(grads_f, grads) < 1e-5
