@@ -33,8 +33,9 @@ export PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
 # Each flag is explained in benchmarks/NOTES.md; the set is checked below and trimmed if XLA rejects one.
 TUNED_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_triton_gemm=false"
-# cuBLASLt lets XLA fold the MLP's GeLU (and its saved input) into the up-projection GEMM's epilogue.
-CUBLASLT_FLAGS="--xla_gpu_enable_cublaslt=true"
+# Every GEMM on cuBLASLt (no Triton GEMM fusions): XLA then folds the MLP's GeLU into the up-projection's
+# epilogue (GELU_AUX), seen in the H100 step compiled offline (benchmarks/NOTES.md, 2026-12-04).
+CUBLAS_FLAGS="--xla_gpu_enable_triton_gemm=false"
 
 log() { echo "[$(date -u +%T) +${SECONDS}s] $*" | tee -a "$LOG"; }
 remaining_s() { echo $((DEADLINE_S - TABLE_S - SECONDS)); }
@@ -104,12 +105,14 @@ if ours:
 # measured variant the profile ran as (b8u_none_profile -> b8u_none_default). An estimate, not the target's figure.
 profiles = [json.loads(line) for line in open(sys.argv[2]) if line.strip()] if os.path.exists(sys.argv[2]) else []
 estimate = profiles[-1].get("as_device") if profiles else None
-measured = next((r for r in ours if profiles and r["variant"] == profiles[-1]["variant"].replace("_profile", "_default")), None)
-if estimate and measured:
+profiled = profiles[-1]["variant"].replace("_profile", "_default") if profiles else None
+measured = [r for r in ours if r["variant"] == profiled] + ([best] if ours and best["variant"] != profiled else [])
+for r in measured if estimate else []:
     scale = estimate["step_scale"]
-    print(f"estimate as {estimate['device_kind']} (from the profile's class times, not a measurement): "
-          f"{measured['variant']} {measured['tokens_per_sec'] / scale:,.0f} tokens/s, "
-          f"MFU {measured['tflops_per_device'] / scale / estimate['peak_tflops']:.1%} (step x {scale:.3f})")
+    borrowed = "" if r["variant"] == profiled else f", with {profiled}'s scale"
+    print(f"estimate as {estimate['device_kind']} (from the profile's class times{borrowed}; not a measurement): "
+          f"{r['variant']} {r['tokens_per_sec'] / scale:,.0f} tokens/s, "
+          f"MFU {r['tflops_per_device'] / scale / estimate['peak_tflops']:.1%} (step x {scale:.3f})")
 EOF
   rm -rf "$WORK"
 }
@@ -180,7 +183,7 @@ check_tuned_flags() {  # once, when a variant first asks for the tuned set (the 
 # While profiling, XLA runs CUDA graphs op by op unless told otherwise: keep the step as it runs unprofiled.
 PROFILE_FLAGS="--xla_enable_command_buffers_during_profiling=true"
 flags_ok "$PROFILE_FLAGS" || { log "XLA rejects $PROFILE_FLAGS: profiling without it"; PROFILE_FLAGS=""; }
-flags_ok "$CUBLASLT_FLAGS" || { log "XLA rejects $CUBLASLT_FLAGS: the cublaslt variant runs without it"; CUBLASLT_FLAGS=""; }
+flags_ok "$CUBLAS_FLAGS" || { log "XLA rejects $CUBLAS_FLAGS: the cublas variants run without it"; CUBLAS_FLAGS=""; }
 
 # --- 3. cuDNN attention vs the XLA reference at the published shape (benchmarks.attention_check), and
 #        whether the candidate remat policy really keeps the cuDNN forward's residuals -----------------
@@ -231,7 +234,7 @@ out_of_memory() {  # rc log: the tool's own OOM exit, or an allocation failure (
   [ "$1" = 3 ] && return 0
   grep -E "RESOURCE_EXHAUSTED|[Oo]ut of memory" "$2" | grep -v "not a failure" >/dev/null  # no -q: pipefail + SIGPIPE
 }
-run_mfu() {  # label batch remat scan flagset(default|tuned|cublaslt) [extra args, comma-separated]
+run_mfu() {  # label batch remat scan flagset(default|tuned|cublas) [extra args, comma-separated]
   local label=$1 batch=$2 remat=$3 scan=$4 flagset=$5 extra=${6:-} rc flags="" started=$SECONDS limit
   local shape_args=${extra//--compare_timing/}  # timing-only flags do not change what fits in memory
   local key="$remat|$scan|$flagset|${shape_args//,/}"
@@ -240,7 +243,7 @@ run_mfu() {  # label batch remat scan flagset(default|tuned|cublaslt) [extra arg
   fi
   fits_in_time "$label" "$MFU_EXPECTED_S" || return
   if [ "$flagset" = tuned ]; then check_tuned_flags; flags=$TUNED_FLAGS; fi
-  [ "$flagset" = cublaslt ] && flags=$CUBLASLT_FLAGS
+  [ "$flagset" = cublas ] && flags=$CUBLAS_FLAGS
   limit=$(clipped_limit "$VARIANT_TIMEOUT_S")
   log "$label: start (XLA_FLAGS='$flags' ${extra//,/ }; limit ${limit}s)"
   XLA_FLAGS="$flags" bounded "$limit" "$PY" -m benchmarks.mfu \
@@ -315,10 +318,11 @@ run_hf() {  # mode(eager|compile) batch
 # Measured on an H100 (benchmarks/NOTES.md): unrolled layers beat scanned by 8-10%, remat none fits batch 8
 # (RMSNorm and GeLU recompute on their own), default XLA flags beat the tuned set by ~2%. Since then: the
 # embedding is a one-hot matmul (A/B: gather), steps are timed pipelined as the trainer runs them (A/B inside
-# the first variant via --compare_timing), and cuBLASLt (GeLU epilogue fusion) and RMSNorm's hand-written
-# backward (model.norm_backward=saved_rsqrt) are candidates. Order: the expected best, the peer the target
-# compares it with, the profile (where the time goes; on an H200 also the H100 estimate), the candidates that
-# may beat the best, then the A/B rows.
+# the first variant via --compare_timing). Candidates from the H100 step compiled offline (2026-12-04): q, k, v
+# in one matmul (model.fused_qkv), every GEMM on cuBLAS (the GeLU folds into the up-projection's epilogue), and
+# both. Order: the expected best, the peer the target compares it with, the candidates, the profile (where the
+# time goes; on an H200 before the candidates: it carries the H100 estimate), then the rows that compiled worse
+# offline or are A/B only (RMSNorm's hand-written backward moves 9 GiB more per step there).
 # GPU_CHECK_VARIANTS overrides the list: space-separated "label:batch:remat:scan:flagset[:extra,args]" for our
 # step and "hf:mode:batch" for the peer, e.g. GPU_CHECK_VARIANTS="b4u:4:save_matmuls:false:default hf:compile:4".
 if [ -n "${GPU_CHECK_VARIANTS:-}" ]; then
@@ -330,18 +334,23 @@ elif [ "$SMOKE" = 1 ]; then
   run_mfu b8_none_default 8 none false default --compare_timing
   run_hf compile 8
   run_profile b8_none_profile 8 none false
+  run_mfu b8_none_qkv 8 none false default --config.model.fused_qkv=true
+  run_mfu b8_none_cublas 8 none false cublas
+  run_mfu b8_none_cublas_qkv 8 none false cublas --config.model.fused_qkv=true
   run_b16_if_it_can_fit b16_none_default
   run_mfu b8_none_normvjp 8 none false default --config.model.norm_backward=saved_rsqrt
-  run_mfu b8_none_cublaslt 8 none false cublaslt
   run_mfu b8_none_gather 8 none false default --config.model.embedding_lookup=gather
   run_mfu b8_smc_scan_tuned 8 save_matmuls true tuned
 else
   run_mfu b8u_none_default 8 none false default --compare_timing
   run_hf compile 4
-  run_profile b8u_none_profile 8 none false
+  big_memory && run_profile b8u_none_profile 8 none false  # an H200: its H100 estimate needs the profile
+  run_mfu b8u_none_qkv 8 none false default --config.model.fused_qkv=true
+  run_mfu b8u_none_cublas 8 none false cublas
+  run_mfu b8u_none_cublas_qkv 8 none false cublas --config.model.fused_qkv=true
+  big_memory || run_profile b8u_none_profile 8 none false
   run_b16_if_it_can_fit b16u_none_default
   run_mfu b8u_none_normvjp 8 none false default --config.model.norm_backward=saved_rsqrt
-  run_mfu b8u_none_cublaslt 8 none false cublaslt
   run_mfu b8u_none_gather 8 none false default --config.model.embedding_lookup=gather
   run_mfu b4u_none_default 4 none false default
   run_mfu b8u_smc_default 8 save_matmuls false default
