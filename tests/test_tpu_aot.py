@@ -91,7 +91,7 @@ def test_demo_step_compiles_for_a_tpu_slice_with_pallas_kernels(topology, device
     trainer = mfu.build_trainer(config, devices)
     assert trainer.mesh.devices.flat[0].device_kind == device_kind
     compiled = trainer.train_step.lower(trainer.abstract_state, trainer.abstract_batch()).compile()
-    hlo = mfu.hlo_statistics(compiled)
+    hlo = mfu.hlo_statistics(compiled.as_text())
     assert hlo["pallas_tpu_kernels"] == 2 * config.model.num_layers  # forward + fused backward per layer
     assert hlo["while_loops"] == 0  # unrolled layers, and no interpreted kernel
     memory = mfu.memory_analysis(compiled)
