@@ -66,7 +66,7 @@ print_table() {
   if [ -n "$PROFILE_TABLE" ] && [ -s "$PROFILE_TABLE" ]; then  # the profile's own table (its JSON is in profile.jsonl)
     echo; grep -v '^{' "$PROFILE_TABLE" | grep -v '^[IWE][0-9]' | grep -v '^\s*$' | tail -45 | tee -a "$LOG"
   fi
-  "$PY" - "$RESULTS" "$OUT/profile.jsonl" "$ATTENTION_LINE" "$ATTENTION_B8_LINE" "$RESIDUALS_LINE" <<'EOF' | tee -a "$LOG"
+  "$PY" - "$RESULTS" "$OUT/profile.jsonl" "$ATTENTION_LINE" "$ATTENTION_B8_LINE" "$NORM_LINE" "$RESIDUALS_LINE" <<'EOF' | tee -a "$LOG"
 import json, os, sys
 
 records = []
@@ -185,8 +185,9 @@ PROFILE_FLAGS="--xla_enable_command_buffers_during_profiling=true"
 flags_ok "$PROFILE_FLAGS" || { log "XLA rejects $PROFILE_FLAGS: profiling without it"; PROFILE_FLAGS=""; }
 flags_ok "$CUBLAS_FLAGS" || { log "XLA rejects $CUBLAS_FLAGS: the cublas variants run without it"; CUBLAS_FLAGS=""; }
 
-# --- 3. cuDNN attention vs the XLA reference at the published shape (benchmarks.attention_check), and
-#        whether the candidate remat policy really keeps the cuDNN forward's residuals -----------------
+# --- 3. cuDNN attention vs the XLA reference at the published shape (benchmarks.attention_check), the
+#        RMSNorm backward kernels (benchmarks.norm_check), and whether the candidate remat policy really
+#        keeps the cuDNN forward's residuals --------------------------------------------------------------
 last_json() { grep '^{' "$1" | tail -1 | cut -c1-400; }  # a tool's JSON line, not a warning printed after it
 bounded 150 "$PY" -m benchmarks.attention_check >"$WORK/attention.txt" 2>&1
 cat "$WORK/attention.txt" >>"$LOG"
@@ -198,6 +199,14 @@ bounded 90 "$PY" -m benchmarks.attention_check --batch 8 --nocompare >"$WORK/att
 cat "$WORK/attention_b8.txt" >>"$LOG"
 ATTENTION_B8_LINE="attention b8: $(last_json "$WORK/attention_b8.txt")"
 log "$ATTENTION_B8_LINE"
+# RMSNorm's backward at the step's shape: XLA's against the Pallas kernel (model.norm_backward=pallas) in a
+# few tilings; the smoke run sends a small shape through Pallas' interpreter instead.
+NORM_ARGS=""
+[ "$SMOKE" = 1 ] && NORM_ARGS="--rows 256 --d_model 64 --layouts default,4x8x4 --repeats 2 --interpret"
+bounded 90 "$PY" -m benchmarks.norm_check $NORM_ARGS >"$WORK/norm.txt" 2>&1
+cat "$WORK/norm.txt" >>"$LOG"
+NORM_LINE="norm backward: $(grep '^{' "$WORK/norm.txt" | tail -1 | cut -c1-700)"
+log "$NORM_LINE"
 bounded 120 "$PY" - >"$WORK/residuals.txt" 2>&1 <<'EOF'
 import jax, jax.numpy as jnp
 from jax._src.ad_checkpoint import saved_residuals
@@ -319,12 +328,17 @@ run_hf() {  # mode(eager|compile) batch
 # (RMSNorm and GeLU recompute on their own), default XLA flags beat the tuned set by ~2%. Since then: the
 # embedding is a one-hot matmul (A/B: gather), steps are timed pipelined as the trainer runs them (A/B inside
 # the first variant via --compare_timing). Candidates from the H100 step compiled offline (2026-12-04): q, k, v
-# in one matmul (model.fused_qkv), every GEMM on cuBLAS (the GeLU folds into the up-projection's epilogue), and
-# both. Order: the expected best, the peer the target compares it with, the candidates, the profile (where the
-# time goes; on an H200 before the candidates: it carries the H100 estimate), then the rows that compiled worse
-# offline or are A/B only (RMSNorm's hand-written backward moves 9 GiB more per step there).
+# in one matmul (model.fused_qkv), every GEMM on cuBLAS (the GeLU folds into the up-projection's epilogue),
+# RMSNorm's backward in one pass (model.norm_backward=pallas, a Triton kernel: 24 GiB less per step), all three
+# (the least traffic offline), and batch 16 with the Pallas norm and fused q/k/v (66 GiB planned: it fits an
+# H100 now; with cuBLAS GEMMs it would not, the GeLU epilogue keeps its input too).
+# Order: the expected best's baseline, the peer the target compares it with, the candidates, the profile
+# (where the time goes; on an H200 before the candidates: it carries the H100 estimate), then the rows that
+# compiled worse offline or are A/B only (RMSNorm's hand-written jnp backward moves 9 GiB more per step there).
 # GPU_CHECK_VARIANTS overrides the list: space-separated "label:batch:remat:scan:flagset[:extra,args]" for our
 # step and "hf:mode:batch" for the peer, e.g. GPU_CHECK_VARIANTS="b4u:4:save_matmuls:false:default hf:compile:4".
+PALLAS=--config.model.norm_backward=pallas
+QKV=--config.model.fused_qkv=true
 if [ -n "${GPU_CHECK_VARIANTS:-}" ]; then
   for spec in $GPU_CHECK_VARIANTS; do
     IFS=: read -r a b c d e f <<<"$spec"
@@ -334,9 +348,13 @@ elif [ "$SMOKE" = 1 ]; then
   run_mfu b8_none_default 8 none false default --compare_timing
   run_hf compile 8
   run_profile b8_none_profile 8 none false
-  run_mfu b8_none_qkv 8 none false default --config.model.fused_qkv=true
+  run_mfu b8_none_pallas_cublas_qkv 8 none false cublas "$PALLAS,$QKV"
+  run_mfu b8_none_pallas_qkv 8 none false default "$PALLAS,$QKV"
+  run_mfu b8_none_pallas 8 none false default "$PALLAS"
+  run_mfu b8_none_qkv 8 none false default "$QKV"
+  run_mfu b8_none_cublas_qkv 8 none false cublas "$QKV"
+  run_mfu b16_none_pallas_qkv 16 none false default "$PALLAS,$QKV"
   run_mfu b8_none_cublas 8 none false cublas
-  run_mfu b8_none_cublas_qkv 8 none false cublas --config.model.fused_qkv=true
   run_b16_if_it_can_fit b16_none_default
   run_mfu b8_none_normvjp 8 none false default --config.model.norm_backward=saved_rsqrt
   run_mfu b8_none_gather 8 none false default --config.model.embedding_lookup=gather
@@ -345,10 +363,14 @@ else
   run_mfu b8u_none_default 8 none false default --compare_timing
   run_hf compile 4
   big_memory && run_profile b8u_none_profile 8 none false  # an H200: its H100 estimate needs the profile
-  run_mfu b8u_none_qkv 8 none false default --config.model.fused_qkv=true
-  run_mfu b8u_none_cublas 8 none false cublas
-  run_mfu b8u_none_cublas_qkv 8 none false cublas --config.model.fused_qkv=true
+  run_mfu b8u_none_pallas_cublas_qkv 8 none false cublas "$PALLAS,$QKV"
+  run_mfu b8u_none_pallas_qkv 8 none false default "$PALLAS,$QKV"
+  run_mfu b8u_none_pallas 8 none false default "$PALLAS"
+  run_mfu b8u_none_qkv 8 none false default "$QKV"
+  run_mfu b8u_none_cublas_qkv 8 none false cublas "$QKV"
   big_memory || run_profile b8u_none_profile 8 none false
+  run_mfu b16u_none_pallas_qkv 16 none false default "$PALLAS,$QKV"
+  run_mfu b8u_none_cublas 8 none false cublas
   run_b16_if_it_can_fit b16u_none_default
   run_mfu b8u_none_normvjp 8 none false default --config.model.norm_backward=saved_rsqrt
   run_mfu b8u_none_gather 8 none false default --config.model.embedding_lookup=gather

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-CLASSES = ("gemm", "attention", "elementwise", "copy", "collective", "other")
+CLASSES = ("gemm", "attention", "elementwise", "pallas", "copy", "collective", "other")
 _ITEM_BYTES = dict(pred=1, s8=1, u8=1, bf16=2, f16=2, s16=2, u16=2, f32=4, s32=4, u32=4, f64=8, s64=8, u64=8)
 _ARRAY = re.compile(r"\b(" + "|".join(_ITEM_BYTES) + r")\[([\d,]*)\]")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.+?) ([a-z][a-z\-]*)\((.*?)\)(?:, (.*))?$")
@@ -89,6 +89,8 @@ def kernel_class(opcode: str, attributes: str, name: str, body: list[tuple] = ()
         target = target.group(1).lower() if target else ""
         if "fmha" in target or "flash" in target or "attention" in target:
             return "attention"
+        if target in ("__gpu$xla.gpu.triton", "tpu_custom_call"):
+            return "pallas"  # a kernel written in Pallas (Triton on GPUs, Mosaic on TPUs)
         return "gemm" if re.search(r"gemm|matmul|cublas", target) else "other"
     if opcode == "fusion":
         has_dot = any(instruction[2] in ("dot", "convolution") for instruction in body)

@@ -8,7 +8,8 @@ import pytest
 from benchmarks import hlo_traffic
 
 # Trimmed from the H100 step compiled offline (benchmarks.mfu --dry_run --topology h100, fused_qkv):
-# one GEMM fusion, a fusion that reads a third of its operand (v), cuDNN attention, a copy.
+# one GEMM fusion, a fusion that reads a third of its operand (v), cuDNN attention, a copy, and the
+# Pallas (Triton) norm backward (model.norm_backward=pallas).
 GPU_HLO = """HloModule jit_train_step, is_scheduled=true
 
 %gemm_fusion_dot_computation (parameter_0: bf16[65536,2048], parameter_1: bf16[2048,3072]) -> bf16[65536,3072] {
@@ -38,6 +39,7 @@ ENTRY %main (p0: bf16[65536,2048], p1: bf16[2048,3072]) -> (bf16[8,8192,8,128], 
   %custom-call.1 = (bf16[8,8192,8,128]{3,2,1,0}, f32[8,8,8192]{2,1,0}) custom-call(%loop_slice_fusion, %loop_slice_fusion, %loop_slice_fusion), custom_call_target="__cudnn$fmhaSoftmax"
   %get-tuple-element.1 = bf16[8,8192,8,128]{3,2,1,0} get-tuple-element(%custom-call.1), index=0
   %copy.1 = bf16[8,8192,8,128]{3,2,1,0} copy(%get-tuple-element.1)
+  %pallas_call.1 = (bf16[65536,2048]{1,0}, f32[512,2048]{1,0}) custom-call(%p0, %p0), custom_call_target="__gpu$xla.gpu.triton", api_version=API_VERSION_TYPED_FFI
   ROOT %tuple.1 = (bf16[8,8192,8,128]{3,2,1,0}, bf16[65536,3072]{1,0}) tuple(%copy.1, %loop_add_fusion)
 }
 """
@@ -57,6 +59,7 @@ def test_each_entry_kernel_counts_once_and_a_sliced_operand_counts_its_slice():
     assert traffic["elementwise"] == dict(kernels=2, read_bytes=128 * MIB + 2 * qkv, written_bytes=128 * MIB + qkv)
     assert traffic["attention"] == dict(kernels=1, read_bytes=3 * 128 * MIB, written_bytes=128 * MIB + 2 * MIB)
     assert traffic["copy"] == dict(kernels=1, read_bytes=128 * MIB, written_bytes=128 * MIB)
+    assert traffic["pallas"] == dict(kernels=1, read_bytes=2 * 256 * MIB, written_bytes=256 * MIB + 4 * MIB)
     assert traffic["collective"]["kernels"] == traffic["other"]["kernels"] == 0
     text = hlo_traffic.format_traffic(traffic, 3.35e12)
     assert text.splitlines()[0].split()[:3] == ["gemm", "1", "kernels"]

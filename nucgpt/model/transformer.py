@@ -25,7 +25,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from nucgpt.errors import UserError
-from nucgpt.model import attention
+from nucgpt.model import attention, norm_kernel
 from nucgpt.sharding import constrain
 
 # Named tensors in a block; policies below save some of them instead of recomputing them.
@@ -55,7 +55,7 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 }
 MLP_ACTIVATIONS = ("gelu", "swiglu")
 EMBEDDING_LOOKUPS = ("auto", "gather", "one_hot")
-NORM_BACKWARDS = ("recompute", "saved_rsqrt")
+NORM_BACKWARDS = ("recompute", "saved_rsqrt", "pallas")
 ONE_HOT_MAX_VOCAB = 512  # `auto` embeds by one-hot matmul up to this vocabulary (nucleotides: 6)
 NORM_PLACEMENTS = ("pre", "sandwich")
 
@@ -147,13 +147,52 @@ def _rms_norm_backward(eps, saved, grad_BxLxD):
 
 
 _rms_norm_saved_rsqrt.defvjp(_rms_norm_forward, _rms_norm_backward)
-_RMS_NORMS = {"recompute": _rms_norm_recomputed, "saved_rsqrt": _rms_norm_saved_rsqrt}
+
+
+# The backward in one pass over x and the gradient (`norm_kernel`: a Triton kernel on GPUs). The
+# output is kept for the backward pass (nothing recomputes it); `..._and_input` also returns x
+# itself, so that the gradient reaching x through the residual stream arrives in the same backward
+# and the kernel adds it while it writes dx.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _rms_norm_pallas(x_BxLxD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
+    return _rms_norm_forward(x_BxLxD, scale_D, eps)[0]
+
+
+def _rms_norm_pallas_forward(x_BxLxD, scale_D, eps):
+    return _rms_norm_forward(x_BxLxD, scale_D, eps)[0], (x_BxLxD, scale_D)
+
+
+def _rms_norm_pallas_backward(eps, saved, grad_BxLxD):
+    return norm_kernel.backward(*saved[:1], grad_BxLxD, saved[1], None, eps)
+
+
+_rms_norm_pallas.defvjp(_rms_norm_pallas_forward, _rms_norm_pallas_backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _rms_norm_pallas_and_input(x_BxLxD: jax.Array, scale_D: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
+    return _rms_norm_forward(x_BxLxD, scale_D, eps)[0], x_BxLxD
+
+
+def _rms_norm_pallas_and_input_forward(x_BxLxD, scale_D, eps):
+    return (_rms_norm_forward(x_BxLxD, scale_D, eps)[0], x_BxLxD), (x_BxLxD, scale_D)
+
+
+def _rms_norm_pallas_and_input_backward(eps, saved, grads):
+    grad_out_BxLxD, grad_input_BxLxD = grads
+    x_BxLxD, scale_D = saved
+    return norm_kernel.backward(x_BxLxD, grad_out_BxLxD, scale_D, grad_input_BxLxD.astype(x_BxLxD.dtype), eps)
+
+
+_rms_norm_pallas_and_input.defvjp(_rms_norm_pallas_and_input_forward, _rms_norm_pallas_and_input_backward)
+_RMS_NORMS = {"recompute": _rms_norm_recomputed, "saved_rsqrt": _rms_norm_saved_rsqrt, "pallas": _rms_norm_pallas}
 
 
 def rms_norm(x_BxLxD: jax.Array, scale_D: jax.Array, eps: float, backward: str = "recompute") -> jax.Array:
     """RMSNorm in float32, returned in the input dtype. `backward` (model.norm_backward): how the
-    gradient gets the forward's float32 values back — `recompute` them from x (jax.checkpoint), or
-    `saved_rsqrt`: keep the per-row rsqrt and differentiate by hand. Same values; speed only."""
+    gradient gets the forward's float32 values back — `recompute` them from x (jax.checkpoint),
+    `saved_rsqrt`: keep the per-row rsqrt and differentiate by hand, or `pallas`: one fused pass
+    (`norm_kernel`; the output is kept, not recomputed). Same values; speed and memory only."""
     return _RMS_NORMS[backward](x_BxLxD, scale_D, eps)
 
 
@@ -247,7 +286,11 @@ class Block(nnx.Module):
     def _sublayer(self, x_BxLxD, in_norm, out_norm, fn, has_aux: bool = False):
         """x + fn(norm(x)) (normed again for `sandwich`); with `has_aux`, fn returns (h, aux) and so
         does this (decoding's updated cache)."""
-        out = fn(self._norm(x_BxLxD, in_norm))
+        if self.cfg.get("norm_backward", "recompute") == "pallas":
+            normed_BxLxD, x_BxLxD = _rms_norm_pallas_and_input(x_BxLxD, in_norm[...], self.cfg.norm_eps)
+        else:
+            normed_BxLxD = self._norm(x_BxLxD, in_norm)
+        out = fn(normed_BxLxD)
         h_BxLxD, aux = out if has_aux else (out, None)
         if self.cfg.norm_placement == "sandwich":
             h_BxLxD = self._norm(h_BxLxD, out_norm)

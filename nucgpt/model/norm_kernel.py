@@ -1,0 +1,184 @@
+"""RMSNorm's backward pass in one read of its inputs: a Pallas (Triton) kernel for GPUs.
+
+Why: XLA splits the backward of `s·x·r` (r = (mean(x²) + eps)^-½) into a row-reduction kernel and an
+elementwise kernel with the column reduction for the scale's gradient, so x and the incoming gradient
+are read twice: about 1.3 GiB per norm at the 500M preset's batch 8 (offline H100 compile), against
+0.77 GiB for one pass. This kernel makes that one pass: each program walks a band of rows, a few at
+a time, computes r and the row term, writes dx and keeps a float32 partial sum of the scale's
+gradient that a small XLA reduction adds up. `residual_grad` (the gradient arriving through the
+residual stream around a pre-norm) is added in the same pass, where XLA would read it in another.
+
+The kernel runs where the lowering platform is CUDA; everywhere else (CPU, TPU) the same backward is
+written in jnp (`reference_backward`), as it is on GPUs when d_model is not a power of two (Triton's
+blocks must be; a warning says so). Under a multi-device mesh each device runs it on its own rows
+(`shard_map`); where the mesh rules split a row's features over devices (a batch too small for
+the fsdp axis), the jnp backward runs instead and XLA partitions it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+from jax.experimental import pallas as pl
+
+from nucgpt import sharding
+from nucgpt.errors import UserError
+
+_TILE_ELEMENTS = 8192  # elements of x per loop step of a program: 4 rows of d_model 2048
+_MIN_PROGRAMS = 512  # about four programs per SM of an H100 (132 SMs), so the last wave is short
+_MAX_TILES_PER_PROGRAM = 32
+
+
+def reference_backward(x_NxD, grad_NxD, scale_D, residual_grad_NxD, eps):
+    """d/dx and d/ds of s·x·r in jnp (float32 math, outputs in the inputs' dtypes), plus the residual."""
+    x = x_NxD.astype(jnp.float32)
+    grad = grad_NxD.astype(jnp.float32)
+    rsqrt_Nx1 = jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+    grad_scaled = grad * scale_D.astype(jnp.float32)
+    row_Nx1 = jnp.mean(grad_scaled * x, axis=-1, keepdims=True) * rsqrt_Nx1**3
+    grad_x = rsqrt_Nx1 * grad_scaled - x * row_Nx1
+    if residual_grad_NxD is not None:
+        grad_x = grad_x + residual_grad_NxD.astype(jnp.float32)
+    grad_scale = jnp.sum(grad * x * rsqrt_Nx1, axis=tuple(range(x.ndim - 1)))
+    return grad_x.astype(x_NxD.dtype), grad_scale.astype(scale_D.dtype)
+
+
+def _kernel(*refs, eps: float, tile_rows: int, num_tiles: int, has_residual: bool):
+    """One program: `num_tiles` tiles of `tile_rows` rows; writes dx and this band's partial d(scale)."""
+    if has_residual:
+        x_ref, grad_ref, scale_ref, residual_ref, grad_x_ref, partial_ref = refs
+    else:
+        (x_ref, grad_ref, scale_ref, grad_x_ref, partial_ref), residual_ref = refs, None
+    scale = scale_ref[...].astype(jnp.float32)
+
+    def tile(i, partial_D):
+        rows = pl.ds(i * tile_rows, tile_rows)
+        x = x_ref[rows, :].astype(jnp.float32)
+        grad = grad_ref[rows, :].astype(jnp.float32)
+        rsqrt = jax.lax.rsqrt(jnp.mean(x * x, axis=1, keepdims=True) + eps)
+        grad_scaled = grad * scale[None, :]
+        row = jnp.mean(grad_scaled * x, axis=1, keepdims=True) * (rsqrt * rsqrt * rsqrt)
+        grad_x = rsqrt * grad_scaled - x * row
+        if residual_ref is not None:
+            grad_x = grad_x + residual_ref[rows, :].astype(jnp.float32)
+        grad_x_ref[rows, :] = grad_x.astype(grad_x_ref.dtype)
+        return partial_D + jnp.sum(grad * x * rsqrt, axis=0)
+
+    partial_D = jax.lax.fori_loop(0, num_tiles, tile, jnp.zeros(scale.shape, jnp.float32))
+    partial_ref[...] = partial_D[None, :]
+
+
+def _largest_power_of_two_dividing(n: int, at_most: int) -> int:
+    power = 1
+    while power * 2 <= at_most and n % (power * 2) == 0:
+        power *= 2
+    return power
+
+
+def kernel_layout(num_rows: int, d_model: int) -> tuple[int, int]:
+    """(tile_rows, tiles per program): tiles of about `_TILE_ELEMENTS`, enough programs to fill the GPU."""
+    tile_rows = _largest_power_of_two_dividing(num_rows, max(1, _TILE_ELEMENTS // d_model))
+    tiles = _largest_power_of_two_dividing(num_rows // tile_rows, _MAX_TILES_PER_PROGRAM)
+    while tiles > 1 and num_rows // (tile_rows * tiles) < _MIN_PROGRAMS:
+        tiles //= 2
+    return tile_rows, tiles
+
+
+def kernel_backward(
+    x_NxD, grad_NxD, scale_D, residual_grad_NxD, eps, *, interpret: bool = False,
+    layout: tuple[int, int] | None = None, num_warps: int | None = None,
+):
+    """The Pallas kernel's (dx, d(scale)); `interpret` runs it in Pallas' interpreter (any platform).
+    `layout` (tile_rows, tiles per program) and `num_warps` override the defaults (benchmarks.norm_check)."""
+    num_rows, d_model = x_NxD.shape
+    if not interpret and d_model & (d_model - 1):
+        raise UserError(f"model.norm_backward=pallas: the Triton kernel needs model.d_model a power of two, got {d_model}")
+    tile_rows, tiles = layout or kernel_layout(num_rows, d_model)
+    band = tile_rows * tiles
+    if num_rows % band:
+        raise ValueError(f"layout {tile_rows} rows x {tiles} tiles does not divide {num_rows} rows")
+    num_programs = num_rows // band
+    rows_spec = pl.BlockSpec((band, d_model), lambda p: (p, 0))
+    inputs = [x_NxD, grad_NxD, scale_D]
+    in_specs = [rows_spec, rows_spec, pl.BlockSpec((d_model,), lambda p: (0,))]
+    if residual_grad_NxD is not None:
+        inputs.append(residual_grad_NxD)
+        in_specs.append(rows_spec)
+    kernel = functools.partial(
+        _kernel, eps=eps, tile_rows=tile_rows, num_tiles=tiles, has_residual=residual_grad_NxD is not None
+    )
+    compiler_params = None
+    if not interpret:
+        from jax.experimental.pallas import triton as pallas_triton
+
+        num_warps = num_warps or (8 if tile_rows * d_model >= 4096 else 4)
+        compiler_params = pallas_triton.CompilerParams(num_warps=num_warps, num_stages=2)
+    grad_x_NxD, partial_PxD = pl.pallas_call(
+        kernel,
+        grid=(num_programs,),
+        in_specs=in_specs,
+        out_specs=[rows_spec, pl.BlockSpec((1, d_model), lambda p: (p, 0))],
+        out_shape=[
+            jax.ShapeDtypeStruct(x_NxD.shape, x_NxD.dtype),
+            jax.ShapeDtypeStruct((num_programs, d_model), jnp.float32),
+        ],
+        compiler_params=compiler_params,
+        interpret=interpret,
+        name="rms_norm_backward",
+    )(*inputs)
+    return grad_x_NxD, jnp.sum(partial_PxD, axis=0).astype(scale_D.dtype)
+
+
+off_cuda_backward = reference_backward  # what runs where the platform is not CUDA (tests swap in the kernel)
+
+
+def _on_this_platform(x_NxD, grad_NxD, scale_D, residual_grad_NxD, eps):
+    """The kernel where the lowering platform is CUDA, `off_cuda_backward` elsewhere (decided at lowering)."""
+    with_kernel = functools.partial(kernel_backward, eps=eps)
+    with_jnp = functools.partial(off_cuda_backward, eps=eps)
+    operands = (x_NxD, grad_NxD, scale_D, residual_grad_NxD)
+    if residual_grad_NxD is None:
+        operands = operands[:3]
+        with_kernel, with_jnp = (functools.partial(f, residual_grad_NxD=None) for f in (with_kernel, with_jnp))
+    d_model = x_NxD.shape[-1]
+    if d_model & (d_model - 1):
+        logging.warning(
+            "model.norm_backward=pallas: model.d_model=%d is not a power of two, which the Triton kernel needs; "
+            "the norm's backward runs in jnp on every platform", d_model,
+        )
+        return reference_backward(x_NxD, grad_NxD, scale_D, residual_grad_NxD, eps)
+    return jax.lax.platform_dependent(*operands, cuda=with_kernel, default=with_jnp)
+
+
+def backward(x_BxLxD, grad_BxLxD, scale_D, residual_grad_BxLxD, eps):
+    """dx (+ `residual_grad`, when given) and d(scale) of RMSNorm, per device under the active mesh."""
+    operands = [x_BxLxD, grad_BxLxD, scale_D] + ([] if residual_grad_BxLxD is None else [residual_grad_BxLxD])
+
+    def local(x_BxLxD, grad_BxLxD, scale_D, *residual):
+        rows = lambda a: a.reshape(-1, a.shape[-1])
+        residual_NxD = rows(residual[0]) if residual else None
+        grad_x_NxD, grad_scale_D = _on_this_platform(rows(x_BxLxD), rows(grad_BxLxD), scale_D, residual_NxD, eps)
+        return grad_x_NxD.reshape(x_BxLxD.shape), grad_scale_D
+
+    mesh, rules = sharding.active_mesh(), sharding.active_rules()
+    if mesh is None or math.prod(mesh.shape.values()) == 1:
+        return local(*operands)
+    spec = sharding.logical_to_mesh_spec(("batch", "length", "embed"), rules, shape=x_BxLxD.shape, mesh=mesh)
+    if spec[2] is not None:  # a row's features on several devices: XLA partitions the jnp backward
+        return reference_backward(*operands[:3], operands[3] if len(operands) > 3 else None, eps)
+    row_axes = tuple(a for part in spec[:2] if part is not None for a in ((part,) if isinstance(part, str) else part))
+    activations = jax.sharding.PartitionSpec(spec[0], spec[1], None)
+    replicated = jax.sharding.PartitionSpec()
+
+    def per_device(*operands):
+        grad_x_BxLxD, grad_scale_D = local(*operands)
+        return grad_x_BxLxD, jax.lax.psum(grad_scale_D, row_axes) if row_axes else grad_scale_D
+
+    in_specs = (activations, activations, replicated) + (activations,) * (len(operands) - 3)
+    return jax.shard_map(
+        per_device, mesh=mesh, in_specs=in_specs, out_specs=(activations, replicated), check_vma=False
+    )(*operands)
