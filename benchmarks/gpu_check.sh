@@ -202,11 +202,18 @@ log "$ATTENTION_B8_LINE"
 # RMSNorm's backward at the step's shape: XLA's against the Pallas kernel (model.norm_backward=pallas) in a
 # few tilings; the smoke run sends a small shape through Pallas' interpreter instead.
 NORM_ARGS=""
-[ "$SMOKE" = 1 ] && NORM_ARGS="--rows 256 --d_model 64 --layouts default,4x8x4 --repeats 2 --interpret"
+[ "$SMOKE" = 1 ] && NORM_ARGS="--rows 256 --d_model 64 --layouts auto,4x8x4 --repeats 2 --interpret"
 bounded 90 "$PY" -m benchmarks.norm_check $NORM_ARGS >"$WORK/norm.txt" 2>&1
 cat "$WORK/norm.txt" >>"$LOG"
 NORM_LINE="norm backward: $(grep '^{' "$WORK/norm.txt" | tail -1 | cut -c1-700)"
 log "$NORM_LINE"
+# The Pallas variants below run the kernel's fastest tiling here (model.norm_kernel_layout), if not auto's.
+NORM_LAYOUT=$(grep '^{' "$WORK/norm.txt" | tail -1 | "$PY" -c '
+import json, sys
+ms = {k[len("pallas_"):]: v for k, v in json.loads(sys.stdin.read() or "{}").get("ms", {}).items() if k.startswith("pallas_")}
+best = min(ms, key=ms.get) if ms else "auto"
+print("" if best == "auto" else best)' 2>/dev/null)
+[ -n "$NORM_LAYOUT" ] && log "the Pallas variants use the fastest tiling measured here: model.norm_kernel_layout=$NORM_LAYOUT"
 bounded 120 "$PY" - >"$WORK/residuals.txt" 2>&1 <<'EOF'
 import jax, jax.numpy as jnp
 from jax._src.ad_checkpoint import saved_residuals
@@ -337,7 +344,7 @@ run_hf() {  # mode(eager|compile) batch
 # compiled worse offline or are A/B only (RMSNorm's hand-written jnp backward moves 9 GiB more per step there).
 # GPU_CHECK_VARIANTS overrides the list: space-separated "label:batch:remat:scan:flagset[:extra,args]" for our
 # step and "hf:mode:batch" for the peer, e.g. GPU_CHECK_VARIANTS="b4u:4:save_matmuls:false:default hf:compile:4".
-PALLAS=--config.model.norm_backward=pallas
+PALLAS=--config.model.norm_backward=pallas${NORM_LAYOUT:+,--config.model.norm_kernel_layout=$NORM_LAYOUT}
 QKV=--config.model.fused_qkv=true
 if [ -n "${GPU_CHECK_VARIANTS:-}" ]; then
   for spec in $GPU_CHECK_VARIANTS; do

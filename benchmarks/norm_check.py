@@ -2,7 +2,7 @@
 the Pallas kernel (`=pallas`, `nucgpt.model.norm_kernel`) in several tilings, at the step's shape.
 
     python -m benchmarks.norm_check                       # 8 x 8192 rows of 2048, bfloat16
-    python -m benchmarks.norm_check --layouts 4x32x8,2x64x4
+    python -m benchmarks.norm_check --layouts 4x32x8,2x64x4   # TILE_ROWSxTILESxWARPS, as model.norm_kernel_layout
     python -m benchmarks.norm_check --rows 256 --d_model 64 --interpret   # anywhere: Pallas' interpreter
 
 Each implementation computes dx (plus the residual stream's gradient, as for a pre-norm) and d(scale)
@@ -27,8 +27,8 @@ from nucgpt.model.transformer import _rms_norm_forward
 flags.DEFINE_integer("rows", 8 * 8192, "rows (batch x sequence)", lower_bound=1)
 flags.DEFINE_integer("d_model", 2048, "features per row", lower_bound=1)
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "activation dtype")
-flags.DEFINE_list("layouts", ["default", "4x32x8", "2x64x4", "8x16x8", "4x16x4", "1x64x4"],
-                  "Pallas tilings: TILE_ROWSxTILESxWARPS, or `default` (what the model uses)")
+flags.DEFINE_list("layouts", ["auto", "4x32x8", "2x64x4", "1x64x4", "4x32x16", "1x16x4"],
+                  "Pallas tilings (model.norm_kernel_layout): TILE_ROWSxTILESxWARPS, or auto (the default)")
 flags.DEFINE_integer("repeats", 20, "calls per timed loop", lower_bound=1)
 flags.DEFINE_bool("interpret", False, "run the kernel in Pallas' interpreter (any platform; for tests)")
 FLAGS = flags.FLAGS
@@ -43,16 +43,11 @@ def xla_backward(x, grad, scale, residual):
     return grad_x + residual, grad_scale
 
 
-def parse_layout(text: str) -> dict:
-    if text == "default":
-        return {}
-    try:
-        tile_rows, tiles, warps = (int(part) for part in text.split("x"))
-    except ValueError:
-        raise UserError(f"--layouts: {text!r} is not TILE_ROWSxTILESxWARPS (e.g. 4x32x8) or default") from None
-    if FLAGS.rows % (tile_rows * tiles):
-        raise UserError(f"--layouts: {text}: {tile_rows} x {tiles} rows per program do not divide --rows={FLAGS.rows}")
-    return dict(layout=(tile_rows, tiles), num_warps=warps)
+def parse_layout(text: str) -> norm_kernel.Layout | None:
+    layout = norm_kernel.parse_layout(text, field="--layouts")
+    if layout is not None and FLAGS.rows % (layout.tile_rows * layout.tiles):
+        raise UserError(f"--layouts: {text}: programs of {layout.tile_rows * layout.tiles} rows do not divide --rows={FLAGS.rows}")
+    return layout
 
 
 def timed_loop(backward, x, grad, scale, residual) -> float:
@@ -82,9 +77,9 @@ def main(argv):
         return
     implementations = {"xla": xla_backward}
     for text in FLAGS.layouts:
-        options = parse_layout(text)
+        layout = parse_layout(text) or norm_kernel.kernel_layout(FLAGS.rows, FLAGS.d_model)
         implementations[f"pallas_{text}"] = functools.partial(
-            norm_kernel.kernel_backward, eps=EPS, interpret=FLAGS.interpret, **options
+            norm_kernel.kernel_backward, eps=EPS, interpret=FLAGS.interpret, layout=layout
         )
     keys = jax.random.split(jax.random.key(0), 4)
     shape = (FLAGS.rows, FLAGS.d_model)
@@ -109,6 +104,7 @@ def main(argv):
         "ms": ms,
         "gbps": gbps,
         "max_relative_error": {name: float(f"{e:.1e}") for name, e in errors.items()},
+        "auto": str(norm_kernel.kernel_layout(FLAGS.rows, FLAGS.d_model)),
         "fastest": min(ms, key=ms.get),
     }))
 

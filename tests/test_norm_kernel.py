@@ -60,10 +60,22 @@ def test_kernel_matches_autodiff(rows, d_model, dtype, with_residual):
 
 
 def test_kernel_layout_tiles_divide_the_rows_and_fill_the_gpu():
-    assert norm_kernel.kernel_layout(8 * 8192, 2048) == (4, 32)  # the 500M preset at batch 8: 512 programs
+    assert str(norm_kernel.kernel_layout(8 * 8192, 2048)) == "2x32x8"  # the 500M preset at batch 8: 1024 programs
     for rows, d_model in [(96, 64), (7, 64), (8 * 8192, 64), (4096, 4096)]:
-        tile_rows, tiles = norm_kernel.kernel_layout(rows, d_model)
-        assert rows % (tile_rows * tiles) == 0 and tile_rows * d_model <= max(8192, d_model)
+        tile_rows, tiles, _ = norm_kernel.kernel_layout(rows, d_model)
+        assert rows % (tile_rows * tiles) == 0 and tile_rows * d_model <= max(4096, d_model)
+
+
+@pytest.mark.parametrize("text", ["2x32", "2x32x0", "3x32x8", "axbxc"])
+def test_a_bad_kernel_layout_is_a_user_error_naming_the_field(text):
+    with pytest.raises(UserError, match=f"model.norm_kernel_layout='{text}': expected auto or TILE_ROWSxTILESxWARPS"):
+        Transformer(tiny_cfg(norm_backward="pallas", norm_kernel_layout=text), rngs=nnx.Rngs(0))
+
+
+def test_a_layout_that_does_not_divide_the_rows_is_a_user_error():
+    x, grad, scale, _ = _inputs(96, 64, jnp.float32)
+    with pytest.raises(UserError, match=r"norm_kernel_layout=4x16x4: programs of 64 rows do not divide the 96 rows"):
+        norm_kernel.kernel_backward(x, grad, scale, None, 1e-6, interpret=True, layout=norm_kernel.Layout(4, 16, 4))
 
 
 def test_a_width_that_is_not_a_power_of_two_runs_the_jnp_backward(interpreted_kernel):
@@ -139,10 +151,10 @@ def _norm_check(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_norm_check_times_and_checks_each_tiling_in_the_interpreter():
-    proc = _norm_check("--interpret", "--layouts", "default,2x4x4")
+    proc = _norm_check("--interpret", "--layouts", "auto,2x4x4")
     assert proc.returncode == 0, proc.stderr[-2000:]
     record = json.loads(proc.stdout.strip().splitlines()[-1])
-    names = ["xla", "pallas_default", "pallas_2x4x4"]
+    names = ["xla", "pallas_auto", "pallas_2x4x4"]
     assert record["check"] == "norm_backward" and record["shape"] == [256, 64]
     assert sorted(record["ms"]) == sorted(record["gbps"]) == sorted(names) and record["fastest"] in names
     assert all(error < 1e-2 for error in record["max_relative_error"].values())  # bfloat16 against float32
@@ -153,4 +165,6 @@ def test_norm_check_without_a_gpu_skips_and_a_bad_tiling_is_one_line():
     assert skipped.returncode == 0 and json.loads(skipped.stdout.strip().splitlines()[-1])["skipped"] == "no GPU (cpu)"
     bad = _norm_check("--interpret", "--layouts", "3x5x4")
     assert bad.returncode == 2
-    assert bad.stderr.strip().splitlines()[-1] == "error: --layouts: 3x5x4: 3 x 5 rows per program do not divide --rows=256"
+    assert bad.stderr.strip().splitlines()[-1] == "error: --layouts='3x5x4': expected auto or TILE_ROWSxTILESxWARPS, powers of two (e.g. 2x32x8)"
+    bad = _norm_check("--interpret", "--layouts", "4x128x4")
+    assert bad.stderr.strip().splitlines()[-1] == "error: --layouts: 4x128x4: programs of 512 rows do not divide --rows=256"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,9 +29,38 @@ from jax.experimental import pallas as pl
 from nucgpt import sharding
 from nucgpt.errors import UserError
 
-_TILE_ELEMENTS = 8192  # elements of x per loop step of a program: 4 rows of d_model 2048
-_MIN_PROGRAMS = 512  # about four programs per SM of an H100 (132 SMs), so the last wave is short
+# The default tiling, from the H100 compile (ptxas: ~100 registers a thread at 2 x 2048 per 8 warps, so
+# two programs share an SM and one's loads overlap the other's reductions); `benchmarks.norm_check`
+# times others on a GPU, and `model.norm_kernel_layout` picks one.
+_TILE_ELEMENTS = 4096  # elements of x per loop step of a program: 2 rows of d_model 2048
+_MIN_PROGRAMS = 1024  # about four waves of two programs per SM on an H100 (132 SMs): a short last wave
 _MAX_TILES_PER_PROGRAM = 32
+_NUM_WARPS = 8
+
+
+class Layout(NamedTuple):
+    """How the kernel tiles the rows: each program loops over `tiles` tiles of `tile_rows` rows, with
+    `num_warps` warps. Written TILE_ROWSxTILESxWARPS, e.g. 2x32x8."""
+
+    tile_rows: int
+    tiles: int
+    num_warps: int
+
+    def __str__(self) -> str:
+        return f"{self.tile_rows}x{self.tiles}x{self.num_warps}"
+
+
+def parse_layout(text: str, field: str = "model.norm_kernel_layout") -> Layout | None:
+    """`auto` → None (the default for the shape), or a Layout from TILE_ROWSxTILESxWARPS (powers of two)."""
+    if text == "auto":
+        return None
+    try:
+        layout = Layout(*(int(part) for part in text.split("x")))
+    except (TypeError, ValueError):
+        layout = None
+    if layout is None or any(v < 1 or v & (v - 1) for v in layout):
+        raise UserError(f"{field}={text!r}: expected auto or TILE_ROWSxTILESxWARPS, powers of two (e.g. 2x32x8)")
+    return layout
 
 
 def reference_backward(x_NxD, grad_NxD, scale_D, residual_grad_NxD, eps):
@@ -79,28 +109,30 @@ def _largest_power_of_two_dividing(n: int, at_most: int) -> int:
     return power
 
 
-def kernel_layout(num_rows: int, d_model: int) -> tuple[int, int]:
-    """(tile_rows, tiles per program): tiles of about `_TILE_ELEMENTS`, enough programs to fill the GPU."""
+def kernel_layout(num_rows: int, d_model: int) -> Layout:
+    """The default: tiles of about `_TILE_ELEMENTS` (whole rows), enough programs to fill the GPU."""
     tile_rows = _largest_power_of_two_dividing(num_rows, max(1, _TILE_ELEMENTS // d_model))
     tiles = _largest_power_of_two_dividing(num_rows // tile_rows, _MAX_TILES_PER_PROGRAM)
     while tiles > 1 and num_rows // (tile_rows * tiles) < _MIN_PROGRAMS:
         tiles //= 2
-    return tile_rows, tiles
+    return Layout(tile_rows, tiles, _NUM_WARPS if tile_rows * d_model >= 4096 else 4)
 
 
 def kernel_backward(
-    x_NxD, grad_NxD, scale_D, residual_grad_NxD, eps, *, interpret: bool = False,
-    layout: tuple[int, int] | None = None, num_warps: int | None = None,
+    x_NxD, grad_NxD, scale_D, residual_grad_NxD, eps, *, interpret: bool = False, layout: Layout | None = None
 ):
     """The Pallas kernel's (dx, d(scale)); `interpret` runs it in Pallas' interpreter (any platform).
-    `layout` (tile_rows, tiles per program) and `num_warps` override the defaults (benchmarks.norm_check)."""
+    `layout` None: `kernel_layout`'s default for the shape."""
     num_rows, d_model = x_NxD.shape
     if not interpret and d_model & (d_model - 1):
         raise UserError(f"model.norm_backward=pallas: the Triton kernel needs model.d_model a power of two, got {d_model}")
-    tile_rows, tiles = layout or kernel_layout(num_rows, d_model)
+    tile_rows, tiles, num_warps = layout or kernel_layout(num_rows, d_model)
     band = tile_rows * tiles
     if num_rows % band:
-        raise ValueError(f"layout {tile_rows} rows x {tiles} tiles does not divide {num_rows} rows")
+        raise UserError(
+            f"model.norm_kernel_layout={Layout(tile_rows, tiles, num_warps)}: programs of {band} rows do not divide "
+            f"the {num_rows} rows (batch x length) of this norm"
+        )
     num_programs = num_rows // band
     rows_spec = pl.BlockSpec((band, d_model), lambda p: (p, 0))
     inputs = [x_NxD, grad_NxD, scale_D]
@@ -115,7 +147,6 @@ def kernel_backward(
     if not interpret:
         from jax.experimental.pallas import triton as pallas_triton
 
-        num_warps = num_warps or (8 if tile_rows * d_model >= 4096 else 4)
         compiler_params = pallas_triton.CompilerParams(num_warps=num_warps, num_stages=2)
     grad_x_NxD, partial_PxD = pl.pallas_call(
         kernel,
@@ -136,9 +167,9 @@ def kernel_backward(
 off_cuda_backward = reference_backward  # what runs where the platform is not CUDA (tests swap in the kernel)
 
 
-def _on_this_platform(x_NxD, grad_NxD, scale_D, residual_grad_NxD, eps):
+def _on_this_platform(x_NxD, grad_NxD, scale_D, residual_grad_NxD, eps, layout):
     """The kernel where the lowering platform is CUDA, `off_cuda_backward` elsewhere (decided at lowering)."""
-    with_kernel = functools.partial(kernel_backward, eps=eps)
+    with_kernel = functools.partial(kernel_backward, eps=eps, layout=layout)
     with_jnp = functools.partial(off_cuda_backward, eps=eps)
     operands = (x_NxD, grad_NxD, scale_D, residual_grad_NxD)
     if residual_grad_NxD is None:
@@ -154,14 +185,17 @@ def _on_this_platform(x_NxD, grad_NxD, scale_D, residual_grad_NxD, eps):
     return jax.lax.platform_dependent(*operands, cuda=with_kernel, default=with_jnp)
 
 
-def backward(x_BxLxD, grad_BxLxD, scale_D, residual_grad_BxLxD, eps):
-    """dx (+ `residual_grad`, when given) and d(scale) of RMSNorm, per device under the active mesh."""
+def backward(x_BxLxD, grad_BxLxD, scale_D, residual_grad_BxLxD, eps, layout: str = "auto"):
+    """dx (+ `residual_grad`, when given) and d(scale) of RMSNorm, per device under the active mesh;
+    `layout`: the kernel's tiling (`parse_layout`)."""
     operands = [x_BxLxD, grad_BxLxD, scale_D] + ([] if residual_grad_BxLxD is None else [residual_grad_BxLxD])
 
     def local(x_BxLxD, grad_BxLxD, scale_D, *residual):
         rows = lambda a: a.reshape(-1, a.shape[-1])
         residual_NxD = rows(residual[0]) if residual else None
-        grad_x_NxD, grad_scale_D = _on_this_platform(rows(x_BxLxD), rows(grad_BxLxD), scale_D, residual_NxD, eps)
+        grad_x_NxD, grad_scale_D = _on_this_platform(
+            rows(x_BxLxD), rows(grad_BxLxD), scale_D, residual_NxD, eps, parse_layout(layout)
+        )
         return grad_x_NxD.reshape(x_BxLxD.shape), grad_scale_D
 
     mesh, rules = sharding.active_mesh(), sharding.active_rules()

@@ -82,6 +82,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         raise UserError(f"model.embedding_lookup={cfg.embedding_lookup!r}; choose one of {', '.join(EMBEDDING_LOOKUPS)}")
     if cfg.get("norm_backward", "recompute") not in NORM_BACKWARDS:
         raise UserError(f"model.norm_backward={cfg.norm_backward!r}; choose one of {', '.join(NORM_BACKWARDS)}")
+    norm_kernel.parse_layout(cfg.get("norm_kernel_layout", "auto"))
     if cfg.remat_policy not in REMAT_POLICIES:
         raise UserError(f"model.remat_policy={cfg.remat_policy!r}; choose one of {', '.join(REMAT_POLICIES)}")
     for name in ("param_dtype", "compute_dtype"):
@@ -149,51 +150,57 @@ def _rms_norm_backward(eps, saved, grad_BxLxD):
 _rms_norm_saved_rsqrt.defvjp(_rms_norm_forward, _rms_norm_backward)
 
 
-# The backward in one pass over x and the gradient (`norm_kernel`: a Triton kernel on GPUs). The
-# output is kept for the backward pass (nothing recomputes it); `..._and_input` also returns x
-# itself, so that the gradient reaching x through the residual stream arrives in the same backward
-# and the kernel adds it while it writes dx.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _rms_norm_pallas(x_BxLxD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
+# The backward in one pass over x and the gradient (`norm_kernel`: a Triton kernel on GPUs, tiled by
+# `layout`, model.norm_kernel_layout). The output is kept for the backward pass (nothing recomputes
+# it); `..._and_input` also returns x itself, so that the gradient reaching x through the residual
+# stream arrives in the same backward and the kernel adds it while it writes dx.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _rms_norm_pallas(x_BxLxD: jax.Array, scale_D: jax.Array, eps: float, layout: str) -> jax.Array:
     return _rms_norm_forward(x_BxLxD, scale_D, eps)[0]
 
 
-def _rms_norm_pallas_forward(x_BxLxD, scale_D, eps):
+def _rms_norm_pallas_forward(x_BxLxD, scale_D, eps, layout):
     return _rms_norm_forward(x_BxLxD, scale_D, eps)[0], (x_BxLxD, scale_D)
 
 
-def _rms_norm_pallas_backward(eps, saved, grad_BxLxD):
-    return norm_kernel.backward(*saved[:1], grad_BxLxD, saved[1], None, eps)
+def _rms_norm_pallas_backward(eps, layout, saved, grad_BxLxD):
+    x_BxLxD, scale_D = saved
+    return norm_kernel.backward(x_BxLxD, grad_BxLxD, scale_D, None, eps, layout)
 
 
 _rms_norm_pallas.defvjp(_rms_norm_pallas_forward, _rms_norm_pallas_backward)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _rms_norm_pallas_and_input(x_BxLxD: jax.Array, scale_D: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _rms_norm_pallas_and_input(x_BxLxD: jax.Array, scale_D: jax.Array, eps: float, layout: str) -> tuple[jax.Array, jax.Array]:
     return _rms_norm_forward(x_BxLxD, scale_D, eps)[0], x_BxLxD
 
 
-def _rms_norm_pallas_and_input_forward(x_BxLxD, scale_D, eps):
+def _rms_norm_pallas_and_input_forward(x_BxLxD, scale_D, eps, layout):
     return (_rms_norm_forward(x_BxLxD, scale_D, eps)[0], x_BxLxD), (x_BxLxD, scale_D)
 
 
-def _rms_norm_pallas_and_input_backward(eps, saved, grads):
+def _rms_norm_pallas_and_input_backward(eps, layout, saved, grads):
     grad_out_BxLxD, grad_input_BxLxD = grads
     x_BxLxD, scale_D = saved
-    return norm_kernel.backward(x_BxLxD, grad_out_BxLxD, scale_D, grad_input_BxLxD.astype(x_BxLxD.dtype), eps)
+    residual_grad_BxLxD = grad_input_BxLxD.astype(x_BxLxD.dtype)
+    return norm_kernel.backward(x_BxLxD, grad_out_BxLxD, scale_D, residual_grad_BxLxD, eps, layout)
 
 
 _rms_norm_pallas_and_input.defvjp(_rms_norm_pallas_and_input_forward, _rms_norm_pallas_and_input_backward)
-_RMS_NORMS = {"recompute": _rms_norm_recomputed, "saved_rsqrt": _rms_norm_saved_rsqrt, "pallas": _rms_norm_pallas}
 
 
-def rms_norm(x_BxLxD: jax.Array, scale_D: jax.Array, eps: float, backward: str = "recompute") -> jax.Array:
+def rms_norm(
+    x_BxLxD: jax.Array, scale_D: jax.Array, eps: float, backward: str = "recompute", kernel_layout: str = "auto"
+) -> jax.Array:
     """RMSNorm in float32, returned in the input dtype. `backward` (model.norm_backward): how the
     gradient gets the forward's float32 values back — `recompute` them from x (jax.checkpoint),
     `saved_rsqrt`: keep the per-row rsqrt and differentiate by hand, or `pallas`: one fused pass
-    (`norm_kernel`; the output is kept, not recomputed). Same values; speed and memory only."""
-    return _RMS_NORMS[backward](x_BxLxD, scale_D, eps)
+    (`norm_kernel`, tiled by `kernel_layout`; the output is kept, not recomputed). Same values;
+    speed and memory only."""
+    if backward == "pallas":
+        return _rms_norm_pallas(x_BxLxD, scale_D, eps, kernel_layout)
+    return {"recompute": _rms_norm_recomputed, "saved_rsqrt": _rms_norm_saved_rsqrt}[backward](x_BxLxD, scale_D, eps)
 
 
 @jax.checkpoint
@@ -281,13 +288,18 @@ class Block(nnx.Module):
         return param[...].astype(self.cfg.compute_dtype)
 
     def _norm(self, x_BxLxD, scale) -> jax.Array:
-        return rms_norm(x_BxLxD, scale[...], self.cfg.norm_eps, self.cfg.get("norm_backward", "recompute"))
+        cfg = self.cfg
+        return rms_norm(
+            x_BxLxD, scale[...], cfg.norm_eps, cfg.get("norm_backward", "recompute"), cfg.get("norm_kernel_layout", "auto")
+        )
 
     def _sublayer(self, x_BxLxD, in_norm, out_norm, fn, has_aux: bool = False):
         """x + fn(norm(x)) (normed again for `sandwich`); with `has_aux`, fn returns (h, aux) and so
         does this (decoding's updated cache)."""
         if self.cfg.get("norm_backward", "recompute") == "pallas":
-            normed_BxLxD, x_BxLxD = _rms_norm_pallas_and_input(x_BxLxD, in_norm[...], self.cfg.norm_eps)
+            normed_BxLxD, x_BxLxD = _rms_norm_pallas_and_input(
+                x_BxLxD, in_norm[...], self.cfg.norm_eps, self.cfg.get("norm_kernel_layout", "auto")
+            )
         else:
             normed_BxLxD = self._norm(x_BxLxD, in_norm)
         out = fn(normed_BxLxD)
@@ -447,7 +459,11 @@ class Transformer(nnx.Module):
         return self.unembed(self._final_norm(x_BxLxD))
 
     def _final_norm(self, x_BxLxD: jax.Array) -> jax.Array:
-        return rms_norm(x_BxLxD, self.final_norm[...], self.cfg.norm_eps, self.cfg.get("norm_backward", "recompute"))
+        cfg = self.cfg
+        return rms_norm(
+            x_BxLxD, self.final_norm[...], cfg.norm_eps, cfg.get("norm_backward", "recompute"),
+            cfg.get("norm_kernel_layout", "auto"),
+        )
 
     def trunk(self, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array | None = None) -> jax.Array:
         """Hidden states after the final norm, [B, L, d_model] in compute dtype; segment id 0 = padding."""
