@@ -2,7 +2,7 @@
 the Pallas kernel (`=pallas`, `nucgpt.model.norm_kernel`) in several tilings, at the step's shape.
 
     python -m benchmarks.norm_check                       # 8 x 8192 rows of 2048, bfloat16
-    python -m benchmarks.norm_check --layouts 4x32x8,2x64x4   # TILE_ROWSxTILESxWARPS, as model.norm_kernel_layout
+    python -m benchmarks.norm_check --layouts 4x32x8,2x64x4   # TILE_ROWSxTILESxWARPS[p], as model.norm_kernel_layout
     python -m benchmarks.norm_check --rows 256 --d_model 64 --interpret   # anywhere: Pallas' interpreter
 
 Each implementation computes dx (plus the residual stream's gradient, as for a pre-norm) and d(scale)
@@ -27,8 +27,8 @@ from nucgpt.model.transformer import _rms_norm_forward
 flags.DEFINE_integer("rows", 8 * 8192, "rows (batch x sequence)", lower_bound=1)
 flags.DEFINE_integer("d_model", 2048, "features per row", lower_bound=1)
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "activation dtype")
-flags.DEFINE_list("layouts", ["auto", "4x32x8", "2x64x4", "1x64x4", "4x32x16", "1x16x4"],
-                  "Pallas tilings (model.norm_kernel_layout): TILE_ROWSxTILESxWARPS, or auto (the default)")
+flags.DEFINE_list("layouts", ["auto", "2x32x8", "4x32x8", "4x32x16", "4x32x16p", "1x64x4", "1x16x4"],
+                  "Pallas tilings (model.norm_kernel_layout): TILE_ROWSxTILESxWARPS[p], or auto (the default)")
 flags.DEFINE_integer("repeats", 20, "calls per timed loop", lower_bound=1)
 flags.DEFINE_bool("interpret", False, "run the kernel in Pallas' interpreter (any platform; for tests)")
 FLAGS = flags.FLAGS

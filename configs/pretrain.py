@@ -58,7 +58,7 @@ def base_config() -> ConfigDict:
             splash_block_kv=512,
             embedding_lookup="auto",  # auto (one-hot matmul for vocab <= 512) | gather | one_hot
             norm_backward="recompute",  # recompute (jax.checkpoint) | saved_rsqrt (custom VJP) | pallas (one pass)
-            norm_kernel_layout="auto",  # pallas on GPUs: auto | TILE_ROWSxTILESxWARPS (benchmarks.norm_check)
+            norm_kernel_layout="auto",  # pallas on GPUs: auto | TILE_ROWSxTILESxWARPS[p] (benchmarks.norm_check)
             fused_qkv=False,  # one matmul for q, k and v (their weights stacked per step)
         )
     )

@@ -40,16 +40,20 @@ def _inputs(rows, d_model, dtype, seed=0):
     return x, grad, scale, residual
 
 
-@pytest.mark.parametrize("rows, d_model, dtype, with_residual", [
-    (64, 32, jnp.float32, False),
-    (96, 64, jnp.float32, True),  # 96 rows: tiles of 32, three programs
-    (2048, 128, jnp.float32, True),
-    (40, 64, jnp.bfloat16, True),
+@pytest.mark.parametrize("rows, d_model, dtype, with_residual, layout", [
+    (64, 32, jnp.float32, False, "auto"),
+    (96, 64, jnp.float32, True, "auto"),  # 96 rows: tiles of 32, three programs
+    (2048, 128, jnp.float32, True, "auto"),
+    (2048, 128, jnp.float32, True, "4x8x4p"),  # 64 programs of 8 tiles, each loaded one step ahead
+    (64, 32, jnp.float32, False, "2x4x4p"),
+    (40, 64, jnp.bfloat16, True, "auto"),
 ])
-def test_kernel_matches_autodiff(rows, d_model, dtype, with_residual):
+def test_kernel_matches_autodiff(rows, d_model, dtype, with_residual, layout):
     x, grad, scale, residual = _inputs(rows, d_model, dtype)
     residual = residual if with_residual else None
-    kernel = norm_kernel.kernel_backward(x, grad, scale, residual, 1e-6, interpret=True)
+    kernel = norm_kernel.kernel_backward(
+        x, grad, scale, residual, 1e-6, interpret=True, layout=norm_kernel.parse_layout(layout)
+    )
     written = norm_kernel.reference_backward(x, grad, scale, residual, 1e-6)
     autodiff = _autodiff_backward(x.astype(jnp.float32), grad.astype(jnp.float32), scale,
                                   None if residual is None else residual.astype(jnp.float32), 1e-6)
@@ -60,16 +64,22 @@ def test_kernel_matches_autodiff(rows, d_model, dtype, with_residual):
 
 
 def test_kernel_layout_tiles_divide_the_rows_and_fill_the_gpu():
-    assert str(norm_kernel.kernel_layout(8 * 8192, 2048)) == "2x32x8"  # the 500M preset at batch 8: 1024 programs
+    assert str(norm_kernel.kernel_layout(8 * 8192, 2048)) == "2x32x8p"  # the 500M preset at batch 8: 1024 programs
     for rows, d_model in [(96, 64), (7, 64), (8 * 8192, 64), (4096, 4096)]:
-        tile_rows, tiles, _ = norm_kernel.kernel_layout(rows, d_model)
+        tile_rows, tiles, *_ = norm_kernel.kernel_layout(rows, d_model)
         assert rows % (tile_rows * tiles) == 0 and tile_rows * d_model <= max(4096, d_model)
 
 
-@pytest.mark.parametrize("text", ["2x32", "2x32x0", "3x32x8", "axbxc"])
+@pytest.mark.parametrize("text", ["2x32", "2x32x0", "3x32x8", "axbxc", "2x32x8q"])
 def test_a_bad_kernel_layout_is_a_user_error_naming_the_field(text):
     with pytest.raises(UserError, match=f"model.norm_kernel_layout='{text}': expected auto or TILE_ROWSxTILESxWARPS"):
         Transformer(tiny_cfg(norm_backward="pallas", norm_kernel_layout=text), rngs=nnx.Rngs(0))
+
+
+def test_layouts_read_and_print_alike():
+    assert norm_kernel.parse_layout("auto") is None
+    assert norm_kernel.parse_layout("2x32x8p") == norm_kernel.Layout(2, 32, 8, prefetch=True)
+    assert [str(norm_kernel.parse_layout(t)) for t in ("2x32x8", "4x16x16p")] == ["2x32x8", "4x16x16p"]
 
 
 def test_a_layout_that_does_not_divide_the_rows_is_a_user_error():
@@ -165,6 +175,9 @@ def test_norm_check_without_a_gpu_skips_and_a_bad_tiling_is_one_line():
     assert skipped.returncode == 0 and json.loads(skipped.stdout.strip().splitlines()[-1])["skipped"] == "no GPU (cpu)"
     bad = _norm_check("--interpret", "--layouts", "3x5x4")
     assert bad.returncode == 2
-    assert bad.stderr.strip().splitlines()[-1] == "error: --layouts='3x5x4': expected auto or TILE_ROWSxTILESxWARPS, powers of two (e.g. 2x32x8)"
+    assert bad.stderr.strip().splitlines()[-1] == (
+        "error: --layouts='3x5x4': expected auto or TILE_ROWSxTILESxWARPS in powers of two, p at the end to prefetch "
+        "(e.g. 2x32x8, 2x32x8p)"
+    )
     bad = _norm_check("--interpret", "--layouts", "4x128x4")
     assert bad.stderr.strip().splitlines()[-1] == "error: --layouts: 4x128x4: programs of 512 rows do not divide --rows=256"

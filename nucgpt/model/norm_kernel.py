@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from typing import NamedTuple
 
 import jax
@@ -29,9 +30,9 @@ from jax.experimental import pallas as pl
 from nucgpt import sharding
 from nucgpt.errors import UserError
 
-# The default tiling, from the H100 compile (ptxas: ~100 registers a thread at 2 x 2048 per 8 warps, so
-# two programs share an SM and one's loads overlap the other's reductions); `benchmarks.norm_check`
-# times others on a GPU, and `model.norm_kernel_layout` picks one.
+# The default tiling, from the H100 compile (ptxas: 126 registers a thread at 2 x 2048 per 8 warps with
+# the next tile prefetched, so two programs share an SM, and each has loads in flight while it
+# reduces); `benchmarks.norm_check` times others on a GPU, and `model.norm_kernel_layout` picks one.
 _TILE_ELEMENTS = 4096  # elements of x per loop step of a program: 2 rows of d_model 2048
 _MIN_PROGRAMS = 1024  # about four waves of two programs per SM on an H100 (132 SMs): a short last wave
 _MAX_TILES_PER_PROGRAM = 32
@@ -40,27 +41,33 @@ _NUM_WARPS = 8
 
 class Layout(NamedTuple):
     """How the kernel tiles the rows: each program loops over `tiles` tiles of `tile_rows` rows, with
-    `num_warps` warps. Written TILE_ROWSxTILESxWARPS, e.g. 2x32x8."""
+    `num_warps` warps; with `prefetch`, it loads the next tile before working on this one (Triton
+    does not pipeline these loads itself). Written TILE_ROWSxTILESxWARPS[p], e.g. 2x32x8 or 2x32x8p."""
 
     tile_rows: int
     tiles: int
     num_warps: int
+    prefetch: bool = False
 
     def __str__(self) -> str:
-        return f"{self.tile_rows}x{self.tiles}x{self.num_warps}"
+        return f"{self.tile_rows}x{self.tiles}x{self.num_warps}" + ("p" if self.prefetch else "")
+
+
+_LAYOUT = re.compile(r"(\d+)x(\d+)x(\d+)(p?)")
 
 
 def parse_layout(text: str, field: str = "model.norm_kernel_layout") -> Layout | None:
-    """`auto` → None (the default for the shape), or a Layout from TILE_ROWSxTILESxWARPS (powers of two)."""
+    """`auto` → None (the default for the shape), or a Layout from TILE_ROWSxTILESxWARPS[p] (powers of two)."""
     if text == "auto":
         return None
-    try:
-        layout = Layout(*(int(part) for part in text.split("x")))
-    except (TypeError, ValueError):
-        layout = None
-    if layout is None or any(v < 1 or v & (v - 1) for v in layout):
-        raise UserError(f"{field}={text!r}: expected auto or TILE_ROWSxTILESxWARPS, powers of two (e.g. 2x32x8)")
-    return layout
+    match = _LAYOUT.fullmatch(text)
+    numbers = [int(v) for v in match.groups()[:3]] if match else []
+    if not numbers or any(v < 1 or v & (v - 1) for v in numbers):
+        raise UserError(
+            f"{field}={text!r}: expected auto or TILE_ROWSxTILESxWARPS in powers of two, p at the end to "
+            "prefetch (e.g. 2x32x8, 2x32x8p)"
+        )
+    return Layout(*numbers, prefetch=bool(match.group(4)))
 
 
 def reference_backward(x_NxD, grad_NxD, scale_D, residual_grad_NxD, eps):
@@ -77,28 +84,41 @@ def reference_backward(x_NxD, grad_NxD, scale_D, residual_grad_NxD, eps):
     return grad_x.astype(x_NxD.dtype), grad_scale.astype(scale_D.dtype)
 
 
-def _kernel(*refs, eps: float, tile_rows: int, num_tiles: int, has_residual: bool):
+def _kernel(*refs, eps: float, tile_rows: int, num_tiles: int, has_residual: bool, prefetch: bool):
     """One program: `num_tiles` tiles of `tile_rows` rows; writes dx and this band's partial d(scale)."""
     if has_residual:
         x_ref, grad_ref, scale_ref, residual_ref, grad_x_ref, partial_ref = refs
+        input_refs = (x_ref, grad_ref, residual_ref)
     else:
-        (x_ref, grad_ref, scale_ref, grad_x_ref, partial_ref), residual_ref = refs, None
+        x_ref, grad_ref, scale_ref, grad_x_ref, partial_ref = refs
+        input_refs = (x_ref, grad_ref)
     scale = scale_ref[...].astype(jnp.float32)
 
-    def tile(i, partial_D):
-        rows = pl.ds(i * tile_rows, tile_rows)
-        x = x_ref[rows, :].astype(jnp.float32)
-        grad = grad_ref[rows, :].astype(jnp.float32)
+    def load(i):
+        return tuple(ref[pl.ds(i * tile_rows, tile_rows), :] for ref in input_refs)
+
+    def work(i, tile, partial_D):
+        x, grad = tile[0].astype(jnp.float32), tile[1].astype(jnp.float32)
         rsqrt = jax.lax.rsqrt(jnp.mean(x * x, axis=1, keepdims=True) + eps)
         grad_scaled = grad * scale[None, :]
         row = jnp.mean(grad_scaled * x, axis=1, keepdims=True) * (rsqrt * rsqrt * rsqrt)
         grad_x = rsqrt * grad_scaled - x * row
-        if residual_ref is not None:
-            grad_x = grad_x + residual_ref[rows, :].astype(jnp.float32)
-        grad_x_ref[rows, :] = grad_x.astype(grad_x_ref.dtype)
+        if has_residual:
+            grad_x = grad_x + tile[2].astype(jnp.float32)
+        grad_x_ref[pl.ds(i * tile_rows, tile_rows), :] = grad_x.astype(grad_x_ref.dtype)
         return partial_D + jnp.sum(grad * x * rsqrt, axis=0)
 
-    partial_D = jax.lax.fori_loop(0, num_tiles, tile, jnp.zeros(scale.shape, jnp.float32))
+    zeros_D = jnp.zeros(scale.shape, jnp.float32)
+    if prefetch:  # the next tile's loads are in flight while this one is reduced (the last loads itself again)
+
+        def step(i, carry):
+            partial_D, tile = carry
+            following = load(jnp.minimum(i + 1, num_tiles - 1))
+            return work(i, tile, partial_D), following
+
+        partial_D, _ = jax.lax.fori_loop(0, num_tiles, step, (zeros_D, load(0)))
+    else:
+        partial_D = jax.lax.fori_loop(0, num_tiles, lambda i, partial_D: work(i, load(i), partial_D), zeros_D)
     partial_ref[...] = partial_D[None, :]
 
 
@@ -115,7 +135,7 @@ def kernel_layout(num_rows: int, d_model: int) -> Layout:
     tiles = _largest_power_of_two_dividing(num_rows // tile_rows, _MAX_TILES_PER_PROGRAM)
     while tiles > 1 and num_rows // (tile_rows * tiles) < _MIN_PROGRAMS:
         tiles //= 2
-    return Layout(tile_rows, tiles, _NUM_WARPS if tile_rows * d_model >= 4096 else 4)
+    return Layout(tile_rows, tiles, _NUM_WARPS if tile_rows * d_model >= 4096 else 4, prefetch=tiles > 1)
 
 
 def kernel_backward(
@@ -126,11 +146,12 @@ def kernel_backward(
     num_rows, d_model = x_NxD.shape
     if not interpret and d_model & (d_model - 1):
         raise UserError(f"model.norm_backward=pallas: the Triton kernel needs model.d_model a power of two, got {d_model}")
-    tile_rows, tiles, num_warps = layout or kernel_layout(num_rows, d_model)
+    layout = layout or kernel_layout(num_rows, d_model)
+    tile_rows, tiles, num_warps, prefetch = layout
     band = tile_rows * tiles
     if num_rows % band:
         raise UserError(
-            f"model.norm_kernel_layout={Layout(tile_rows, tiles, num_warps)}: programs of {band} rows do not divide "
+            f"model.norm_kernel_layout={layout}: programs of {band} rows do not divide "
             f"the {num_rows} rows (batch x length) of this norm"
         )
     num_programs = num_rows // band
@@ -141,7 +162,8 @@ def kernel_backward(
         inputs.append(residual_grad_NxD)
         in_specs.append(rows_spec)
     kernel = functools.partial(
-        _kernel, eps=eps, tile_rows=tile_rows, num_tiles=tiles, has_residual=residual_grad_NxD is not None
+        _kernel, eps=eps, tile_rows=tile_rows, num_tiles=tiles, has_residual=residual_grad_NxD is not None,
+        prefetch=prefetch,
     )
     compiler_params = None
     if not interpret:
