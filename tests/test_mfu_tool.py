@@ -161,6 +161,37 @@ def test_the_step_compiles_for_an_h100_on_a_host_without_one(tmp_path):
     assert "ms at 3.35 TB/s" in proc.stdout
 
 
+def test_hlo_statistics_count_collectives_sync_or_async_once():
+    """GPU programs start collectives asynchronously (`-start`/`-done` pairs): each counts once; a TPU
+    reduce-scatter is a fusion of an all-reduce and a slice: one reduce-scatter."""
+    from benchmarks import mfu
+
+    text = "\n".join([
+        "  %rs = (bf16[256,8192]{1,0}) reduce-scatter-start(%g), dimensions={0}",
+        "  %rsd = (bf16[256,8192]{1,0}) reduce-scatter-done(%rs)",
+        "  %rs2 = f32[256]{0} reduce-scatter(%h), dimensions={0}",
+        "  %ar = f32[] all-reduce-start(%l), to_apply=%sum",
+        "  %ard = f32[] all-reduce-done(%ar)",
+        "  %ag = (bf16[2048,8192]{1,0}) all-gather-start(%w), dimensions={0}",
+        "  %agd = bf16[2048,8192]{1,0} all-gather-done(%ag)",
+    ])
+    hlo = mfu.hlo_statistics(text)
+    assert (hlo["reduce_scatters"], hlo["all_reduces"], hlo["all_gathers"]) == (2, 1, 1)
+    # TPU: a fusion of an all-reduce and a slice that the backend runs as one reduce-scatter (v5e:2x2, libtpu 0.0.42)
+    tpu = "\n".join([
+        "%all-reduce-scatter (input: bf16[2048,8192]) -> bf16[528,8192] {",
+        "  %all-reduce.2 = bf16[2112,8192]{1,0} all-reduce(%pad), channel_id=4, replica_groups={{0,1,2,3}}",
+        "  ROOT %dynamic-slice.3 = bf16[528,8192]{1,0} dynamic-slice(%all-reduce.2, %multiply.2, %constant.14)",
+        "}",
+        "",
+        "ENTRY %main {",
+        "  %fusion = bf16[528,8192]{1,0} fusion(%fusion.1), kind=kCustom, calls=%all-reduce-scatter",
+        "  %all-reduce.7 = f32[] all-reduce(%loss), to_apply=%add",
+        "}",
+    ])
+    assert (mfu.hlo_statistics(tpu)["reduce_scatters"], mfu.hlo_statistics(tpu)["all_reduces"]) == (1, 1)
+
+
 def test_a_gpu_topology_name_out_of_pattern_is_one_line(tmp_path):
     proc, _ = run_mfu(tmp_path, "--dry_run", "--topology", "h100x0")
     assert proc.returncode == 2
