@@ -6,7 +6,8 @@ are read twice: about 1.3 GiB per norm at the 500M preset's batch 8 (offline H10
 0.77 GiB for one pass. This kernel makes that one pass: each program walks a band of rows, a few at
 a time, computes r and the row term, writes dx and keeps a float32 partial sum of the scale's
 gradient that a small XLA reduction adds up. `residual_grad` (the gradient arriving through the
-residual stream around a pre-norm) is added in the same pass, where XLA would read it in another.
+residual stream around a pre-norm) is added in the same pass, as XLA adds it in its second kernel.
+JAX 0.11 deprecates Pallas' Triton backend (still shipped); passing its CompilerParams selects it.
 
 The kernel runs where the lowering platform is CUDA; everywhere else (CPU, TPU) the same backward is
 written in jnp (`reference_backward`), as it is on GPUs when d_model is not a power of two (Triton's
