@@ -71,18 +71,32 @@ def parse_layout(text: str, field: str = "model.norm_kernel_layout") -> Layout |
     return Layout(*numbers, prefetch=bool(match.group(4)))
 
 
-def reference_backward(x_NxD, grad_NxD, scale_D, residual_grad_NxD, eps):
-    """d/dx and d/ds of s·x·r in jnp (float32 math, outputs in the inputs' dtypes), plus the residual."""
-    x = x_NxD.astype(jnp.float32)
-    grad = grad_NxD.astype(jnp.float32)
-    rsqrt_Nx1 = jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+def row_rsqrt(x_f32: jax.Array, eps: float) -> jax.Array:
+    """r = (mean(x²) + eps)^-½ of each row, [..., 1]: what RMSNorm multiplies a float32 row by."""
+    return jax.lax.rsqrt(jnp.mean(jnp.square(x_f32), axis=-1, keepdims=True) + eps)
+
+
+def backward_from_rsqrt(x, grad, scale_D, rsqrt, residual_grad=None):
+    """d/dx (plus `residual_grad`) and d/ds of s·x·r, given r:  r·g·s − x·r³·mean(g·s·x).
+
+    Written with x (not the normalised x·r) so that no full-size intermediate is used twice: each
+    output is one pass over x and the gradient (plus one row reduction for the first). Float32 math,
+    outputs in x's and the scale's dtypes. The jnp backwards and the kernel's tiles all use it.
+    """
+    x_f32 = x.astype(jnp.float32)
+    grad = grad.astype(jnp.float32)
     grad_scaled = grad * scale_D.astype(jnp.float32)
-    row_Nx1 = jnp.mean(grad_scaled * x, axis=-1, keepdims=True) * rsqrt_Nx1**3
-    grad_x = rsqrt_Nx1 * grad_scaled - x * row_Nx1
-    if residual_grad_NxD is not None:
-        grad_x = grad_x + residual_grad_NxD.astype(jnp.float32)
-    grad_scale = jnp.sum(grad * x * rsqrt_Nx1, axis=tuple(range(x.ndim - 1)))
-    return grad_x.astype(x_NxD.dtype), grad_scale.astype(scale_D.dtype)
+    row = jnp.mean(grad_scaled * x_f32, axis=-1, keepdims=True) * rsqrt**3
+    grad_x = rsqrt * grad_scaled - x_f32 * row
+    if residual_grad is not None:
+        grad_x = grad_x + residual_grad.astype(jnp.float32)
+    grad_scale = jnp.sum(grad * x_f32 * rsqrt, axis=tuple(range(x.ndim - 1)))
+    return grad_x.astype(x.dtype), grad_scale.astype(scale_D.dtype)
+
+
+def reference_backward(x, grad, scale_D, residual_grad, eps):
+    """The whole backward in jnp: r recomputed from x, then `backward_from_rsqrt`."""
+    return backward_from_rsqrt(x, grad, scale_D, row_rsqrt(x.astype(jnp.float32), eps), residual_grad)
 
 
 def _kernel(*refs, eps: float, tile_rows: int, num_tiles: int, has_residual: bool, prefetch: bool):
@@ -99,15 +113,10 @@ def _kernel(*refs, eps: float, tile_rows: int, num_tiles: int, has_residual: boo
         return tuple(ref[pl.ds(i * tile_rows, tile_rows), :] for ref in input_refs)
 
     def work(i, tile, partial_D):
-        x, grad = tile[0].astype(jnp.float32), tile[1].astype(jnp.float32)
-        rsqrt = jax.lax.rsqrt(jnp.mean(x * x, axis=1, keepdims=True) + eps)
-        grad_scaled = grad * scale[None, :]
-        row = jnp.mean(grad_scaled * x, axis=1, keepdims=True) * (rsqrt * rsqrt * rsqrt)
-        grad_x = rsqrt * grad_scaled - x * row
-        if has_residual:
-            grad_x = grad_x + tile[2].astype(jnp.float32)
-        grad_x_ref[pl.ds(i * tile_rows, tile_rows), :] = grad_x.astype(grad_x_ref.dtype)
-        return partial_D + jnp.sum(grad * x * rsqrt, axis=0)
+        rsqrt = row_rsqrt(tile[0].astype(jnp.float32), eps)
+        grad_x, grad_scale = backward_from_rsqrt(tile[0], tile[1], scale, rsqrt, tile[2] if has_residual else None)
+        grad_x_ref[pl.ds(i * tile_rows, tile_rows), :] = grad_x
+        return partial_D + grad_scale
 
     zeros_D = jnp.zeros(scale.shape, jnp.float32)
     if prefetch:  # the next tile's loads are in flight while this one is reduced (the last loads itself again)
@@ -192,12 +201,6 @@ off_cuda_backward = reference_backward  # what runs where the platform is not CU
 
 def _on_this_platform(x_NxD, grad_NxD, scale_D, residual_grad_NxD, eps, layout):
     """The kernel where the lowering platform is CUDA, `off_cuda_backward` elsewhere (decided at lowering)."""
-    with_kernel = functools.partial(kernel_backward, eps=eps, layout=layout)
-    with_jnp = functools.partial(off_cuda_backward, eps=eps)
-    operands = (x_NxD, grad_NxD, scale_D, residual_grad_NxD)
-    if residual_grad_NxD is None:
-        operands = operands[:3]
-        with_kernel, with_jnp = (functools.partial(f, residual_grad_NxD=None) for f in (with_kernel, with_jnp))
     d_model = x_NxD.shape[-1]
     if d_model & (d_model - 1):
         logging.warning(
@@ -205,7 +208,11 @@ def _on_this_platform(x_NxD, grad_NxD, scale_D, residual_grad_NxD, eps, layout):
             "the norm's backward runs in jnp on every platform", d_model,
         )
         return reference_backward(x_NxD, grad_NxD, scale_D, residual_grad_NxD, eps)
-    return jax.lax.platform_dependent(*operands, cuda=with_kernel, default=with_jnp)
+    return jax.lax.platform_dependent(
+        x_NxD, grad_NxD, scale_D, residual_grad_NxD,
+        cuda=functools.partial(kernel_backward, eps=eps, layout=layout),
+        default=functools.partial(off_cuda_backward, eps=eps),
+    )
 
 
 def backward(x_BxLxD, grad_BxLxD, scale_D, residual_grad_BxLxD, eps, layout: str = "auto"):
@@ -226,7 +233,7 @@ def backward(x_BxLxD, grad_BxLxD, scale_D, residual_grad_BxLxD, eps, layout: str
         return local(*operands)
     spec = sharding.logical_to_mesh_spec(("batch", "length", "embed"), rules, shape=x_BxLxD.shape, mesh=mesh)
     if spec[2] is not None:  # a row's features on several devices: XLA partitions the jnp backward
-        return reference_backward(*operands[:3], operands[3] if len(operands) > 3 else None, eps)
+        return reference_backward(x_BxLxD, grad_BxLxD, scale_D, residual_grad_BxLxD, eps)
     row_axes = tuple(a for part in spec[:2] if part is not None for a in ((part,) if isinstance(part, str) else part))
     activations = jax.sharding.PartitionSpec(spec[0], spec[1], None)
     replicated = jax.sharding.PartitionSpec()

@@ -125,26 +125,16 @@ def _rms_norm_saved_rsqrt(x_BxLxD: jax.Array, scale_D: jax.Array, eps: float) ->
 def _rms_norm_forward(x_BxLxD, scale_D, eps):
     """The norm's output, and what the hand-written backward keeps: x, the scale, the per-row rsqrt."""
     x = x_BxLxD.astype(jnp.float32)
-    rsqrt_BxLx1 = jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+    rsqrt_BxLx1 = norm_kernel.row_rsqrt(x, eps)
     out = (x * rsqrt_BxLx1 * scale_D.astype(jnp.float32)).astype(x_BxLxD.dtype)
     return out, (x_BxLxD, scale_D, rsqrt_BxLx1)
 
 
 def _rms_norm_backward(eps, saved, grad_BxLxD):
-    """d/dx of s·x·r with r = (mean(x²) + eps)^-½:  r·g·s − x·r³·mean(g·s·x).
-
-    Written with x (not the normalised x·r) so that no full-size intermediate is used twice: each
-    output is one pass over x and the gradient (plus one row reduction for the first).
-    """
+    """d/dx and d/ds from the saved rsqrt (`norm_kernel.backward_from_rsqrt`: r·g·s − x·r³·mean(g·s·x))."""
     del eps
     x_BxLxD, scale_D, rsqrt_BxLx1 = saved
-    x = x_BxLxD.astype(jnp.float32)
-    grad = grad_BxLxD.astype(jnp.float32)
-    grad_scaled = grad * scale_D.astype(jnp.float32)
-    row_BxLx1 = jnp.mean(grad_scaled * x, axis=-1, keepdims=True) * rsqrt_BxLx1**3
-    grad_x = rsqrt_BxLx1 * grad_scaled - x * row_BxLx1
-    grad_scale = jnp.sum(grad * x * rsqrt_BxLx1, axis=tuple(range(grad.ndim - 1)))
-    return grad_x.astype(x_BxLxD.dtype), grad_scale.astype(scale_D.dtype)
+    return norm_kernel.backward_from_rsqrt(x_BxLxD, grad_BxLxD, scale_D, rsqrt_BxLx1)
 
 
 _rms_norm_saved_rsqrt.defvjp(_rms_norm_forward, _rms_norm_backward)
