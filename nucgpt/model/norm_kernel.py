@@ -99,39 +99,6 @@ def reference_backward(x, grad, scale_D, residual_grad, eps):
     return backward_from_rsqrt(x, grad, scale_D, row_rsqrt(x.astype(jnp.float32), eps), residual_grad)
 
 
-def _kernel(*refs, eps: float, tile_rows: int, num_tiles: int, has_residual: bool, prefetch: bool):
-    """One program: `num_tiles` tiles of `tile_rows` rows; writes dx and this band's partial d(scale)."""
-    if has_residual:
-        x_ref, grad_ref, scale_ref, residual_ref, grad_x_ref, partial_ref = refs
-        input_refs = (x_ref, grad_ref, residual_ref)
-    else:
-        x_ref, grad_ref, scale_ref, grad_x_ref, partial_ref = refs
-        input_refs = (x_ref, grad_ref)
-    scale = scale_ref[...].astype(jnp.float32)
-
-    def load(i):
-        return tuple(ref[pl.ds(i * tile_rows, tile_rows), :] for ref in input_refs)
-
-    def work(i, tile, partial_D):
-        rsqrt = row_rsqrt(tile[0].astype(jnp.float32), eps)
-        grad_x, grad_scale = backward_from_rsqrt(tile[0], tile[1], scale, rsqrt, tile[2] if has_residual else None)
-        grad_x_ref[pl.ds(i * tile_rows, tile_rows), :] = grad_x
-        return partial_D + grad_scale
-
-    zeros_D = jnp.zeros(scale.shape, jnp.float32)
-    if prefetch:  # the next tile's loads are in flight while this one is reduced (the last loads itself again)
-
-        def step(i, carry):
-            partial_D, tile = carry
-            following = load(jnp.minimum(i + 1, num_tiles - 1))
-            return work(i, tile, partial_D), following
-
-        partial_D, _ = jax.lax.fori_loop(0, num_tiles, step, (zeros_D, load(0)))
-    else:
-        partial_D = jax.lax.fori_loop(0, num_tiles, lambda i, partial_D: work(i, load(i), partial_D), zeros_D)
-    partial_ref[...] = partial_D[None, :]
-
-
 def _largest_power_of_two_dividing(n: int, at_most: int) -> int:
     power = 1
     while power * 2 <= at_most and n % (power * 2) == 0:
@@ -148,15 +115,48 @@ def kernel_layout(num_rows: int, d_model: int) -> Layout:
     return Layout(tile_rows, tiles, _NUM_WARPS if tile_rows * d_model >= 4096 else 4, prefetch=tiles > 1)
 
 
-def kernel_backward(
-    x_NxD, grad_NxD, scale_D, residual_grad_NxD, eps, *, interpret: bool = False, layout: Layout | None = None
-):
-    """The Pallas kernel's (dx, d(scale)); `interpret` runs it in Pallas' interpreter (any platform).
-    `layout` None: `kernel_layout`'s default for the shape."""
-    num_rows, d_model = x_NxD.shape
+def _row_kernel(*refs, work, num_row_inputs: int, num_scales: int, num_row_outputs: int, tile_rows: int,
+                num_tiles: int, prefetch: bool):
+    """One program: `num_tiles` tiles of `tile_rows` rows. `work(tile, scales)` maps a tile of the row
+    inputs to (row outputs, float32 [d_model] partial sums); the band's sums go to the last outputs."""
+    row_input_refs = refs[:num_row_inputs]
+    scales = tuple(ref[...].astype(jnp.float32) for ref in refs[num_row_inputs:num_row_inputs + num_scales])
+    row_output_refs = refs[num_row_inputs + num_scales:num_row_inputs + num_scales + num_row_outputs]
+    partial_refs = refs[num_row_inputs + num_scales + num_row_outputs:]
+
+    def load(i):
+        return tuple(ref[pl.ds(i * tile_rows, tile_rows), :] for ref in row_input_refs)
+
+    def step(i, tile, partials):
+        outputs, tile_partials = work(tile, scales)
+        for ref, value in zip(row_output_refs, outputs):
+            ref[pl.ds(i * tile_rows, tile_rows), :] = value
+        return tuple(p + t for p, t in zip(partials, tile_partials))
+
+    zeros = tuple(jnp.zeros(ref.shape[-1:], jnp.float32) for ref in partial_refs)
+    if prefetch:  # the next tile's loads are in flight while this one is reduced (the last loads itself again)
+
+        def prefetched_step(i, carry):
+            partials, tile = carry
+            following = load(jnp.minimum(i + 1, num_tiles - 1))
+            return step(i, tile, partials), following
+
+        partials, _ = jax.lax.fori_loop(0, num_tiles, prefetched_step, (zeros, load(0)))
+    else:
+        partials = jax.lax.fori_loop(0, num_tiles, lambda i, partials: step(i, load(i), partials), zeros)
+    for ref, partial in zip(partial_refs, partials):
+        ref[...] = partial[None, :]
+
+
+def row_kernel_call(work, row_inputs, scales, row_output_dtypes, num_partials: int, *, layout: Layout | None,
+                    interpret: bool, name: str, default_layout=None):
+    """A Pallas call of `work` over bands of rows ([N, D] inputs, [D] scales): its row outputs ([N, D],
+    of `row_output_dtypes`) and its `num_partials` [D] sums over all rows, in float32. `layout` None:
+    `default_layout(N, D)` (`kernel_layout`'s if not given). Triton on GPUs, or Pallas' interpreter."""
+    num_rows, d_model = row_inputs[0].shape
     if not interpret and d_model & (d_model - 1):
-        raise UserError(f"model.norm_backward=pallas: the Triton kernel needs model.d_model a power of two, got {d_model}")
-    layout = layout or kernel_layout(num_rows, d_model)
+        raise UserError(f"the Pallas norm kernels need model.d_model a power of two, got {d_model}")
+    layout = layout or (default_layout or kernel_layout)(num_rows, d_model)
     tile_rows, tiles, num_warps, prefetch = layout
     band = tile_rows * tiles
     if num_rows % band:
@@ -166,83 +166,117 @@ def kernel_backward(
         )
     num_programs = num_rows // band
     rows_spec = pl.BlockSpec((band, d_model), lambda p: (p, 0))
-    inputs = [x_NxD, grad_NxD, scale_D]
-    in_specs = [rows_spec, rows_spec, pl.BlockSpec((d_model,), lambda p: (0,))]
-    if residual_grad_NxD is not None:
-        inputs.append(residual_grad_NxD)
-        in_specs.append(rows_spec)
-    kernel = functools.partial(
-        _kernel, eps=eps, tile_rows=tile_rows, num_tiles=tiles, has_residual=residual_grad_NxD is not None,
-        prefetch=prefetch,
-    )
     compiler_params = None
     if not interpret:
         from jax.experimental.pallas import triton as pallas_triton
 
         compiler_params = pallas_triton.CompilerParams(num_warps=num_warps, num_stages=2)
-    grad_x_NxD, partial_PxD = pl.pallas_call(
+    kernel = functools.partial(
+        _row_kernel, work=work, num_row_inputs=len(row_inputs), num_scales=len(scales),
+        num_row_outputs=len(row_output_dtypes), tile_rows=tile_rows, num_tiles=tiles, prefetch=prefetch,
+    )
+    outputs = pl.pallas_call(
         kernel,
         grid=(num_programs,),
-        in_specs=in_specs,
-        out_specs=[rows_spec, pl.BlockSpec((1, d_model), lambda p: (p, 0))],
-        out_shape=[
-            jax.ShapeDtypeStruct(x_NxD.shape, x_NxD.dtype),
-            jax.ShapeDtypeStruct((num_programs, d_model), jnp.float32),
-        ],
+        in_specs=[rows_spec] * len(row_inputs) + [pl.BlockSpec((d_model,), lambda p: (0,))] * len(scales),
+        out_specs=[rows_spec] * len(row_output_dtypes) + [pl.BlockSpec((1, d_model), lambda p: (p, 0))] * num_partials,
+        out_shape=[jax.ShapeDtypeStruct((num_rows, d_model), dtype) for dtype in row_output_dtypes]
+        + [jax.ShapeDtypeStruct((num_programs, d_model), jnp.float32)] * num_partials,
         compiler_params=compiler_params,
         interpret=interpret,
-        name="rms_norm_backward",
-    )(*inputs)
-    return grad_x_NxD, jnp.sum(partial_PxD, axis=0).astype(scale_D.dtype)
+        name=name,
+    )(*row_inputs, *scales)
+    num_row_outputs = len(row_output_dtypes)
+    return (*outputs[:num_row_outputs], *(jnp.sum(p, axis=0) for p in outputs[num_row_outputs:]))
+
+
+def kernel_backward(
+    x_NxD, grad_NxD, scale_D, residual_grad_NxD, eps, *, interpret: bool = False, layout: Layout | None = None
+):
+    """The Pallas kernel's (dx, d(scale)); `interpret` runs it in Pallas' interpreter (any platform).
+    `layout` None: `kernel_layout`'s default for the shape."""
+    has_residual = residual_grad_NxD is not None
+
+    def work(tile, scales):
+        x, grad, *residual = tile
+        grad_x, grad_scale = backward_from_rsqrt(
+            x, grad, scales[0], row_rsqrt(x.astype(jnp.float32), eps), residual[0] if has_residual else None
+        )
+        return (grad_x,), (grad_scale,)
+
+    row_inputs = [x_NxD, grad_NxD] + ([residual_grad_NxD] if has_residual else [])
+    grad_x_NxD, grad_scale_D = row_kernel_call(
+        work, row_inputs, [scale_D], [x_NxD.dtype], 1, layout=layout, interpret=interpret, name="rms_norm_backward"
+    )
+    return grad_x_NxD, grad_scale_D.astype(scale_D.dtype)
 
 
 off_cuda_backward = reference_backward  # what runs where the platform is not CUDA (tests swap in the kernel)
 
 
-def _on_this_platform(x_NxD, grad_NxD, scale_D, residual_grad_NxD, eps, layout):
-    """The kernel where the lowering platform is CUDA, `off_cuda_backward` elsewhere (decided at lowering)."""
-    d_model = x_NxD.shape[-1]
+def on_this_platform(kernel, off_cuda, reference, *operands_NxD):
+    """`kernel(*operands)` where the lowering platform is CUDA, `off_cuda` elsewhere (decided at lowering);
+    `reference` on every platform where d_model is not a power of two (Triton's blocks must be)."""
+    d_model = operands_NxD[0].shape[-1]
     if d_model & (d_model - 1):
         logging.warning(
-            "model.norm_backward=pallas: model.d_model=%d is not a power of two, which the Triton kernel needs; "
-            "the norm's backward runs in jnp on every platform", d_model,
+            "model.d_model=%d is not a power of two, which the Pallas norm kernels need; their jnp "
+            "equivalents run on every platform", d_model,
         )
-        return reference_backward(x_NxD, grad_NxD, scale_D, residual_grad_NxD, eps)
-    return jax.lax.platform_dependent(
-        x_NxD, grad_NxD, scale_D, residual_grad_NxD,
-        cuda=functools.partial(kernel_backward, eps=eps, layout=layout),
-        default=functools.partial(off_cuda_backward, eps=eps),
-    )
+        return reference(*operands_NxD)
+    return jax.lax.platform_dependent(*operands_NxD, cuda=kernel, default=off_cuda)
 
 
-def backward(x_BxLxD, grad_BxLxD, scale_D, residual_grad_BxLxD, eps, layout: str = "auto"):
-    """dx (+ `residual_grad`, when given) and d(scale) of RMSNorm, per device under the active mesh;
-    `layout`: the kernel's tiling (`parse_layout`)."""
-    operands = [x_BxLxD, grad_BxLxD, scale_D] + ([] if residual_grad_BxLxD is None else [residual_grad_BxLxD])
-
-    def local(x_BxLxD, grad_BxLxD, scale_D, *residual):
-        rows = lambda a: a.reshape(-1, a.shape[-1])
-        residual_NxD = rows(residual[0]) if residual else None
-        grad_x_NxD, grad_scale_D = _on_this_platform(
-            rows(x_BxLxD), rows(grad_BxLxD), scale_D, residual_NxD, eps, parse_layout(layout)
-        )
-        return grad_x_NxD.reshape(x_BxLxD.shape), grad_scale_D
-
+def on_each_device(local, reference, row_operands, scales, num_row_outputs: int, num_sums: int):
+    """`local(*row_operands, *scales)` → (row outputs, [D] sums over rows) on each device's rows under
+    the active mesh (`shard_map`; the sums added over the devices holding other rows). Where the
+    mesh rules split a row's features over devices, `reference` (jnp) runs and XLA partitions it."""
     mesh, rules = sharding.active_mesh(), sharding.active_rules()
     if mesh is None or math.prod(mesh.shape.values()) == 1:
-        return local(*operands)
+        return local(*row_operands, *scales)
+    x_BxLxD = row_operands[0]
     spec = sharding.logical_to_mesh_spec(("batch", "length", "embed"), rules, shape=x_BxLxD.shape, mesh=mesh)
-    if spec[2] is not None:  # a row's features on several devices: XLA partitions the jnp backward
-        return reference_backward(x_BxLxD, grad_BxLxD, scale_D, residual_grad_BxLxD, eps)
+    if spec[2] is not None:
+        return reference(*row_operands, *scales)
     row_axes = tuple(a for part in spec[:2] if part is not None for a in ((part,) if isinstance(part, str) else part))
     activations = jax.sharding.PartitionSpec(spec[0], spec[1], None)
     replicated = jax.sharding.PartitionSpec()
 
     def per_device(*operands):
-        grad_x_BxLxD, grad_scale_D = local(*operands)
-        return grad_x_BxLxD, jax.lax.psum(grad_scale_D, row_axes) if row_axes else grad_scale_D
+        outputs = local(*operands)
+        sums = tuple(jax.lax.psum(s, row_axes) if row_axes else s for s in outputs[num_row_outputs:])
+        return (*outputs[:num_row_outputs], *sums)
 
-    in_specs = (activations, activations, replicated) + (activations,) * (len(operands) - 3)
     return jax.shard_map(
-        per_device, mesh=mesh, in_specs=in_specs, out_specs=(activations, replicated), check_vma=False
-    )(*operands)
+        per_device, mesh=mesh,
+        in_specs=(activations,) * len(row_operands) + (replicated,) * len(scales),
+        out_specs=(activations,) * num_row_outputs + (replicated,) * num_sums,
+        check_vma=False,
+    )(*row_operands, *scales)
+
+
+def rows(a_BxLxD: jax.Array) -> jax.Array:
+    return a_BxLxD.reshape(-1, a_BxLxD.shape[-1])
+
+
+def backward(x_BxLxD, grad_BxLxD, scale_D, residual_grad_BxLxD, eps, layout: str = "auto"):
+    """dx (+ `residual_grad`, when given) and d(scale) of RMSNorm, per device under the active mesh;
+    `layout`: the kernel's tiling (`parse_layout`)."""
+    row_operands = [x_BxLxD, grad_BxLxD] + ([] if residual_grad_BxLxD is None else [residual_grad_BxLxD])
+
+    def local(x_BxLxD, grad_BxLxD, *rest):
+        *residual, scale_D = rest
+        residual_NxD = rows(residual[0]) if residual else None
+        grad_x_NxD, grad_scale_D = on_this_platform(
+            lambda *a: kernel_backward(*a, eps=eps, layout=parse_layout(layout)),
+            lambda *a: off_cuda_backward(*a, eps=eps),
+            lambda *a: reference_backward(*a, eps=eps),
+            rows(x_BxLxD), rows(grad_BxLxD), scale_D, residual_NxD,
+        )
+        return grad_x_NxD.reshape(x_BxLxD.shape), grad_scale_D
+
+    def reference(x_BxLxD, grad_BxLxD, *rest):
+        *residual, scale_D = rest
+        return reference_backward(x_BxLxD, grad_BxLxD, scale_D, residual[0] if residual else None, eps)
+
+    return on_each_device(local, reference, row_operands, [scale_D], num_row_outputs=1, num_sums=1)
