@@ -338,7 +338,9 @@ run_hf() {  # mode(eager|compile) batch
 # in one matmul (model.fused_qkv), every GEMM on cuBLAS (the GeLU folds into the up-projection's epilogue),
 # RMSNorm's backward in one pass (model.norm_backward=pallas, a Triton kernel: 24 GiB less per step), all three
 # (the least traffic offline), and batch 16 with the Pallas norm and fused q/k/v (66 GiB planned: it fits an
-# H100 now; with cuBLAS GEMMs it would not, the GeLU epilogue keeps its input too).
+# H100 now; with cuBLAS GEMMs it would not, the GeLU epilogue keeps its input too). Then (2026-12-04, third
+# session) each out-norm, residual add and next norm joined into one Pallas kernel each way (model.join_norms:
+# 12 GiB less per step offline, on top of all three); the rows without it are its A/B.
 # Order: the expected best's baseline, the peer the target compares it with, the candidates, the profile
 # (where the time goes; on an H200 before the candidates: it carries the H100 estimate), then the rows that
 # compiled worse offline or are A/B only (RMSNorm's hand-written jnp backward moves 9 GiB more per step there).
@@ -346,6 +348,7 @@ run_hf() {  # mode(eager|compile) batch
 # step and "hf:mode:batch" for the peer, e.g. GPU_CHECK_VARIANTS="b4u:4:save_matmuls:false:default hf:compile:4".
 PALLAS=--config.model.norm_backward=pallas${NORM_LAYOUT:+,--config.model.norm_kernel_layout=$NORM_LAYOUT}
 QKV=--config.model.fused_qkv=true
+JOIN=--config.model.join_norms=true
 if [ -n "${GPU_CHECK_VARIANTS:-}" ]; then
   for spec in $GPU_CHECK_VARIANTS; do
     IFS=: read -r a b c d e f <<<"$spec"
@@ -355,6 +358,8 @@ elif [ "$SMOKE" = 1 ]; then
   run_mfu b8_none_default 8 none false default --compare_timing
   run_hf compile 8
   run_profile b8_none_profile 8 none false
+  run_mfu b8_none_pallas_cublas_qkv_join 8 none false cublas "$PALLAS,$QKV,$JOIN"
+  run_mfu b8_none_pallas_qkv_join 8 none false default "$PALLAS,$QKV,$JOIN"
   run_mfu b8_none_pallas_cublas_qkv 8 none false cublas "$PALLAS,$QKV"
   run_mfu b8_none_pallas_qkv 8 none false default "$PALLAS,$QKV"
   run_mfu b8_none_pallas 8 none false default "$PALLAS"
@@ -370,6 +375,8 @@ else
   run_mfu b8u_none_default 8 none false default --compare_timing
   run_hf compile 4
   big_memory && run_profile b8u_none_profile 8 none false  # an H200: its H100 estimate needs the profile
+  run_mfu b8u_none_pallas_cublas_qkv_join 8 none false cublas "$PALLAS,$QKV,$JOIN"
+  run_mfu b8u_none_pallas_qkv_join 8 none false default "$PALLAS,$QKV,$JOIN"
   run_mfu b8u_none_pallas_cublas_qkv 8 none false cublas "$PALLAS,$QKV"
   run_mfu b8u_none_pallas_qkv 8 none false default "$PALLAS,$QKV"
   run_mfu b8u_none_pallas 8 none false default "$PALLAS"

@@ -72,8 +72,8 @@ KERNEL_CLASSES = (
     # CUPTI's Memcpy*/Memset events, XLA copies and transposes (data movement only)
     ("copy", r"memcpy|memset|copy|transpose"),
     # XLA's own kernels: elementwise fusions (the optimizer, norms, GeLU), reductions, Triton fusions;
-    # our Pallas norm backward (rms_norm_backward, pallas_call.N)
-    ("fusion", r"fusion|reduce|triton|rms_norm|pallas|^loop_|^input_|^wrapped_|elementwise|broadcast|scatter|gather|select|convert"),
+    # our Pallas norm kernels (rms_norm_backward, norm_join_forward/backward, pallas_call.N)
+    ("fusion", r"fusion|reduce|triton|rms_norm|norm_join|pallas|^loop_|^input_|^wrapped_|elementwise|broadcast|scatter|gather|select|convert"),
 )
 # CUPTI puts allocator activity on stream lines too; it is not device work.
 NOT_DEVICE_WORK = re.compile(r"^Memory(Alloc|Free|Residency)")

@@ -59,6 +59,8 @@ def base_config() -> ConfigDict:
             embedding_lookup="auto",  # auto (one-hot matmul for vocab <= 512) | gather | one_hot
             norm_backward="recompute",  # recompute (jax.checkpoint) | saved_rsqrt (custom VJP) | pallas (one pass)
             norm_kernel_layout="auto",  # pallas on GPUs: auto | TILE_ROWSxTILESxWARPS[p] (benchmarks.norm_check)
+            join_norms=False,  # sandwich: each out-norm + residual add + next norm as one kernel each way
+            join_kernel_layout="auto",  # join_norms on GPUs: auto | TILE_ROWSxTILESxWARPS[p]
             fused_qkv=False,  # one matmul for q, k and v (their weights stacked per step)
         )
     )

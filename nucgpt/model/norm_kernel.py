@@ -149,7 +149,7 @@ def _row_kernel(*refs, work, num_row_inputs: int, num_scales: int, num_row_outpu
 
 
 def row_kernel_call(work, row_inputs, scales, row_output_dtypes, num_partials: int, *, layout: Layout | None,
-                    interpret: bool, name: str, default_layout=None):
+                    interpret: bool, name: str, default_layout=None, field: str = "model.norm_kernel_layout"):
     """A Pallas call of `work` over bands of rows ([N, D] inputs, [D] scales): its row outputs ([N, D],
     of `row_output_dtypes`) and its `num_partials` [D] sums over all rows, in float32. `layout` None:
     `default_layout(N, D)` (`kernel_layout`'s if not given). Triton on GPUs, or Pallas' interpreter."""
@@ -161,7 +161,7 @@ def row_kernel_call(work, row_inputs, scales, row_output_dtypes, num_partials: i
     band = tile_rows * tiles
     if num_rows % band:
         raise UserError(
-            f"model.norm_kernel_layout={layout}: programs of {band} rows do not divide "
+            f"{field}={layout}: programs of {band} rows do not divide "
             f"the {num_rows} rows (batch x length) of this norm"
         )
     num_programs = num_rows // band

@@ -25,7 +25,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from nucgpt.errors import UserError
-from nucgpt.model import attention, norm_kernel
+from nucgpt.model import attention, norm_join, norm_kernel
 from nucgpt.sharding import constrain
 
 # Named tensors in a block; policies below save some of them instead of recomputing them.
@@ -83,6 +83,12 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if cfg.get("norm_backward", "recompute") not in NORM_BACKWARDS:
         raise UserError(f"model.norm_backward={cfg.norm_backward!r}; choose one of {', '.join(NORM_BACKWARDS)}")
     norm_kernel.parse_layout(cfg.get("norm_kernel_layout", "auto"))
+    norm_kernel.parse_layout(cfg.get("join_kernel_layout", "auto"), field="model.join_kernel_layout")
+    if cfg.get("join_norms", False) and cfg.norm_placement != "sandwich":
+        raise UserError(
+            f"model.join_norms=True joins each out-norm with the next pre-norm: it needs "
+            f"model.norm_placement='sandwich', got {cfg.norm_placement!r}"
+        )
     if cfg.remat_policy not in REMAT_POLICIES:
         raise UserError(f"model.remat_policy={cfg.remat_policy!r}; choose one of {', '.join(REMAT_POLICIES)}")
     for name in ("param_dtype", "compute_dtype"):
@@ -193,6 +199,15 @@ def rms_norm(
     return {"recompute": _rms_norm_recomputed, "saved_rsqrt": _rms_norm_saved_rsqrt}[backward](x_BxLxD, scale_D, eps)
 
 
+def pre_norm(cfg, x_BxLxD: jax.Array, scale_D: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(x normed, x) for a sublayer's input; with `pallas` the norm also passes x on, so that its
+    backward adds the gradient coming down the residual stream in the same pass."""
+    backward, layout = cfg.get("norm_backward", "recompute"), cfg.get("norm_kernel_layout", "auto")
+    if backward == "pallas":
+        return _rms_norm_pallas_and_input(x_BxLxD, scale_D, cfg.norm_eps, layout)
+    return rms_norm(x_BxLxD, scale_D, cfg.norm_eps, backward, layout), x_BxLxD
+
+
 @jax.checkpoint
 def _gelu(x: jax.Array) -> jax.Array:
     """GeLU with the tanh approximation, as the original JAX model (`jax.nn.gelu`'s default)."""
@@ -286,12 +301,7 @@ class Block(nnx.Module):
     def _sublayer(self, x_BxLxD, in_norm, out_norm, fn, has_aux: bool = False):
         """x + fn(norm(x)) (normed again for `sandwich`); with `has_aux`, fn returns (h, aux) and so
         does this (decoding's updated cache)."""
-        if self.cfg.get("norm_backward", "recompute") == "pallas":
-            normed_BxLxD, x_BxLxD = _rms_norm_pallas_and_input(
-                x_BxLxD, in_norm[...], self.cfg.norm_eps, self.cfg.get("norm_kernel_layout", "auto")
-            )
-        else:
-            normed_BxLxD = self._norm(x_BxLxD, in_norm)
+        normed_BxLxD, x_BxLxD = pre_norm(self.cfg, x_BxLxD, in_norm[...])
         out = fn(normed_BxLxD)
         h_BxLxD, aux = out if has_aux else (out, None)
         if self.cfg.norm_placement == "sandwich":
@@ -380,6 +390,21 @@ class Block(nnx.Module):
         x_BxLxD = self._sublayer(x_BxLxD, self.attn_in_norm, getattr(self, "attn_out_norm", None), attend)
         return self._sublayer(x_BxLxD, self.mlp_in_norm, getattr(self, "mlp_out_norm", None), self.mlp)
 
+    def joined(self, x_BxLxD, normed_BxLxD, next_scale_D, segment_ids_BxL, sin_LxK, cos_LxK, backend: str):
+        """The block with joined norms (model.join_norms): takes x and its attention input (x normed),
+        returns the next x and its norm by `next_scale_D` (the next block's attention in-norm, or the
+        final norm): each out-norm, residual add and following norm is one `norm_join.join`."""
+        cfg = self.cfg
+        layout = cfg.get("join_kernel_layout", "auto")
+
+        def join(x_BxLxD, h_BxLxD, scale_out_D, scale_next_D):
+            x_BxLxD, normed_BxLxD = norm_join.join(x_BxLxD, h_BxLxD, scale_out_D, scale_next_D, cfg.norm_eps, layout)
+            return constrain(x_BxLxD, ("batch", "length", "embed")), constrain(normed_BxLxD, ("batch", "length", "embed"))
+
+        h_BxLxD = self.attention(normed_BxLxD, segment_ids_BxL, sin_LxK, cos_LxK, backend)
+        x_BxLxD, normed_BxLxD = join(x_BxLxD, h_BxLxD, self.attn_out_norm[...], self.mlp_in_norm[...])
+        return join(x_BxLxD, self.mlp(normed_BxLxD), self.mlp_out_norm[...], next_scale_D)
+
 
 class Transformer(nnx.Module):
     """Token embedding → blocks → final RMSNorm (`trunk`) → output projection (`unembed`)."""
@@ -397,16 +422,21 @@ class Transformer(nnx.Module):
         if not cfg.tie_embeddings:
             self.unembedding = p((cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
 
-    def _run_blocks(self, x_BxLxD, segment_ids_BxL, blocks: slice) -> jax.Array:
-        """Blocks `blocks` (all of them in training; a part to read or patch the residual stream)."""
+    def _run_blocks(self, x_BxLxD, segment_ids_BxL, blocks: slice, next_scales=None):
+        """Blocks `blocks` (all of them in training; a part to read or patch the residual stream). With
+        `next_scales` (joined norms: `_joined_trunk`), x is the pair (x, x normed) and each block also
+        takes the scale of the norm that follows it: a [layers, D] array if scanned, else a list."""
         cfg = self.cfg
-        seq_len = x_BxLxD.shape[1]
+        seq_len = jax.tree.leaves(x_BxLxD)[0].shape[1]  # x, or the pair (x, x normed)
         backend = _attention_backend(cfg, seq_len)
         sin_LxK, cos_LxK = rope_tables(seq_len, cfg.head_dim, cfg.rope_base)
 
         def layer_fn(graphdef: nnx.GraphDef) -> Callable:
-            def apply(x_BxLxD, block_state):
-                return nnx.merge(graphdef, block_state)(x_BxLxD, segment_ids_BxL, sin_LxK, cos_LxK, backend)
+            def apply(carry, block_state, next_scale_D):
+                block = nnx.merge(graphdef, block_state)
+                if next_scale_D is None:
+                    return block(carry, segment_ids_BxL, sin_LxK, cos_LxK, backend)
+                return block.joined(*carry, next_scale_D, segment_ids_BxL, sin_LxK, cos_LxK, backend)
 
             if cfg.remat_policy == "none":
                 return apply
@@ -417,12 +447,26 @@ class Transformer(nnx.Module):
             if blocks != slice(0, cfg.num_layers):
                 stacked_state = jax.tree.map(lambda a: a[blocks], stacked_state)
             apply = layer_fn(graphdef)
-            x_BxLxD, _ = jax.lax.scan(lambda x, state: (apply(x, state), None), x_BxLxD, stacked_state)
+            x_BxLxD, _ = jax.lax.scan(lambda x, layer: (apply(x, *layer), None), x_BxLxD, (stacked_state, next_scales))
             return x_BxLxD
-        for block in list(self.blocks)[blocks]:
+        for i, block in enumerate(list(self.blocks)[blocks]):
             graphdef, block_state = nnx.split(block)
-            x_BxLxD = layer_fn(graphdef)(x_BxLxD, block_state)
+            x_BxLxD = layer_fn(graphdef)(x_BxLxD, block_state, None if next_scales is None else next_scales[i])
         return x_BxLxD
+
+    def _joined_trunk(self, x_BxLxD: jax.Array, segment_ids_BxL: jax.Array | None) -> jax.Array:
+        """`trunk` with joined norms (model.join_norms): the first block's attention in-norm alone, then
+        every out-norm joined with the norm after it (the last with the final norm)."""
+        cfg, final_D = self.cfg, self.final_norm[...]
+        if cfg.scan_layers:
+            in_norms_NxD = self.blocks.attn_in_norm[...]
+            first_D, next_scales = in_norms_NxD[0], jnp.concatenate([in_norms_NxD[1:], final_D[None]])
+        else:
+            in_norms = [block.attn_in_norm[...] for block in self.blocks]
+            first_D, next_scales = in_norms[0], in_norms[1:] + [final_D]
+        normed_BxLxD, x_BxLxD = pre_norm(cfg, x_BxLxD, first_D)
+        _, normed_BxLxD = self._run_blocks((x_BxLxD, normed_BxLxD), segment_ids_BxL, slice(0, cfg.num_layers), next_scales)
+        return normed_BxLxD
 
     def _check_block(self, after_block: int) -> None:
         if not 0 <= after_block <= self.cfg.num_layers:
@@ -457,6 +501,8 @@ class Transformer(nnx.Module):
 
     def trunk(self, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array | None = None) -> jax.Array:
         """Hidden states after the final norm, [B, L, d_model] in compute dtype; segment id 0 = padding."""
+        if self.cfg.get("join_norms", False):
+            return self._joined_trunk(self._embed(tokens_BxL), segment_ids_BxL)
         return self._final_norm(self.residual_stream(tokens_BxL, segment_ids_BxL, after_block=self.cfg.num_layers))
 
     def unembed(self, hidden_BxLxD: jax.Array) -> jax.Array:
