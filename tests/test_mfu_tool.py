@@ -146,7 +146,8 @@ def test_gpu_topology_without_the_cuda_plugin_is_one_line(tmp_path):
 
 @pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs jax[cuda12] (no GPU): pip install 'jax[cuda12]'")
 def test_the_step_compiles_for_an_h100_on_a_host_without_one(tmp_path):
-    """With the fused norm backward too: its Triton kernels compile for the card (one per norm)."""
+    """With the fused norm backward too: its Triton kernels compile for the card (one per norm); and
+    with joined norms, which move fewer bytes."""
     proc, records = run_mfu(
         tmp_path, "--dry_run", "--topology", "h100", "--config.model.compute_dtype=bfloat16",
         "--config.model.norm_backward=pallas", "--config.model.scan_layers=false",
@@ -159,6 +160,17 @@ def test_the_step_compiles_for_an_h100_on_a_host_without_one(tmp_path):
     assert record["traffic"]["pallas"]["kernels"] == 4 + 1  # TINY's one layer: 4 norms, and the final one
     assert record["bandwidth"] == report.hbm_bandwidth("NVIDIA H100 80GB HBM3")
     assert "ms at 3.35 TB/s" in proc.stdout
+
+    # joined norms: the first norm's backward, and a forward and a backward kernel per join (2 per layer)
+    joined, joined_records = run_mfu(
+        tmp_path, "--dry_run", "--topology", "h100", "--config.model.compute_dtype=bfloat16",
+        "--config.model.norm_backward=pallas", "--config.model.scan_layers=false", "--config.model.join_norms=true",
+    )
+    assert joined.returncode == 0, joined.stderr[-2000:]
+    moved = lambda traffic, kind: traffic[kind]["read_bytes"] + traffic[kind]["written_bytes"]
+    norms = lambda traffic: moved(traffic, "pallas") + moved(traffic, "elementwise")
+    assert joined_records[-1]["traffic"]["pallas"]["kernels"] == 1 + 2 * 2
+    assert norms(joined_records[-1]["traffic"]) < norms(record["traffic"])
 
 
 def test_hlo_statistics_count_collectives_sync_or_async_once():
