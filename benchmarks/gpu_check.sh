@@ -55,7 +55,7 @@ bounded() {  # seconds command...: `timeout` clipped to what is left before the 
   return $rc
 }
 CHILD=""
-ATTENTION_LINE="" ATTENTION_B8_LINE="" RESIDUALS_LINE="" PROFILE_TABLE=""
+ATTENTION_LINE="" ATTENTION_B8_LINE="" NORM_LINE="" JOIN_LINE="" RESIDUALS_LINE="" PROFILE_TABLE=""
 
 # --- the table, printed last (also when a signal stops the run: what ran is still shown) ----------------
 TABLE_PRINTED=0
@@ -66,7 +66,7 @@ print_table() {
   if [ -n "$PROFILE_TABLE" ] && [ -s "$PROFILE_TABLE" ]; then  # the profile's own table (its JSON is in profile.jsonl)
     echo; grep -v '^{' "$PROFILE_TABLE" | grep -v '^[IWE][0-9]' | grep -v '^\s*$' | tail -45 | tee -a "$LOG"
   fi
-  "$PY" - "$RESULTS" "$OUT/profile.jsonl" "$ATTENTION_LINE" "$ATTENTION_B8_LINE" "$NORM_LINE" "$RESIDUALS_LINE" <<'EOF' | tee -a "$LOG"
+  "$PY" - "$RESULTS" "$OUT/profile.jsonl" "$ATTENTION_LINE" "$ATTENTION_B8_LINE" "$NORM_LINE" "$JOIN_LINE" "$RESIDUALS_LINE" <<'EOF' | tee -a "$LOG"
 import json, os, sys
 
 records = []
@@ -199,21 +199,33 @@ bounded 90 "$PY" -m benchmarks.attention_check --batch 8 --nocompare >"$WORK/att
 cat "$WORK/attention_b8.txt" >>"$LOG"
 ATTENTION_B8_LINE="attention b8: $(last_json "$WORK/attention_b8.txt")"
 log "$ATTENTION_B8_LINE"
-# RMSNorm's backward at the step's shape: XLA's against the Pallas kernel (model.norm_backward=pallas) in a
-# few tilings; the smoke run sends a small shape through Pallas' interpreter instead.
-NORM_ARGS=""
-[ "$SMOKE" = 1 ] && NORM_ARGS="--rows 256 --d_model 64 --layouts auto,4x8x4 --repeats 2 --interpret"
-bounded 90 "$PY" -m benchmarks.norm_check $NORM_ARGS >"$WORK/norm.txt" 2>&1
-cat "$WORK/norm.txt" >>"$LOG"
-NORM_LINE="norm backward: $(grep '^{' "$WORK/norm.txt" | tail -1 | cut -c1-700)"
-log "$NORM_LINE"
-# The Pallas variants below run the kernel's fastest tiling here (model.norm_kernel_layout), if not auto's.
-NORM_LAYOUT=$(grep '^{' "$WORK/norm.txt" | tail -1 | "$PY" -c '
+# The Pallas norm kernels at the step's shape, XLA's against theirs in a few tilings (benchmarks.norm_check):
+# RMSNorm's backward (model.norm_backward=pallas), and a sublayer boundary forward and backward, unjoined
+# and joined (model.join_norms); the smoke run sends a small shape through Pallas' interpreter instead.
+# Prints the JSON line; its fastest Pallas tiling (named PREFIX<tiling>) goes to $FASTEST, empty for auto.
+norm_check() {  # check prefix
+  local args=""
+  [ "$SMOKE" = 1 ] && args="--rows 256 --d_model 64 --layouts auto,4x8x4 --repeats 2 --interpret"
+  bounded 90 "$PY" -m benchmarks.norm_check --check "$1" $args >"$WORK/$1.txt" 2>&1
+  cat "$WORK/$1.txt" >>"$LOG"
+  FASTEST=$(grep '^{' "$WORK/$1.txt" | tail -1 | "$PY" -c '
 import json, sys
-ms = {k[len("pallas_"):]: v for k, v in json.loads(sys.stdin.read() or "{}").get("ms", {}).items() if k.startswith("pallas_")}
+prefix = sys.argv[1]
+ms = {k[len(prefix):]: v for k, v in json.loads(sys.stdin.read() or "{}").get("ms", {}).items() if k.startswith(prefix)}
 best = min(ms, key=ms.get) if ms else "auto"
-print("" if best == "auto" else best)' 2>/dev/null)
+print("" if best == "auto" else best)' "$2" 2>/dev/null)
+}
+norm_check norm_backward pallas_
+NORM_LINE="norm backward: $(grep '^{' "$WORK/norm_backward.txt" | tail -1 | cut -c1-700)"
+log "$NORM_LINE"
+# The Pallas variants below run each kernel's fastest tiling here, if not auto's.
+NORM_LAYOUT=$FASTEST
 [ -n "$NORM_LAYOUT" ] && log "the Pallas variants use the fastest tiling measured here: model.norm_kernel_layout=$NORM_LAYOUT"
+norm_check join join_
+JOIN_LINE="norm join: $(grep '^{' "$WORK/join.txt" | tail -1 | cut -c1-700)"
+log "$JOIN_LINE"
+JOIN_LAYOUT=$FASTEST
+[ -n "$JOIN_LAYOUT" ] && log "the joined variants use the fastest tiling measured here: model.join_kernel_layout=$JOIN_LAYOUT"
 bounded 120 "$PY" - >"$WORK/residuals.txt" 2>&1 <<'EOF'
 import jax, jax.numpy as jnp
 from jax._src.ad_checkpoint import saved_residuals
@@ -348,7 +360,7 @@ run_hf() {  # mode(eager|compile) batch
 # step and "hf:mode:batch" for the peer, e.g. GPU_CHECK_VARIANTS="b4u:4:save_matmuls:false:default hf:compile:4".
 PALLAS=--config.model.norm_backward=pallas${NORM_LAYOUT:+,--config.model.norm_kernel_layout=$NORM_LAYOUT}
 QKV=--config.model.fused_qkv=true
-JOIN=--config.model.join_norms=true
+JOIN=--config.model.join_norms=true${JOIN_LAYOUT:+,--config.model.join_kernel_layout=$JOIN_LAYOUT}
 if [ -n "${GPU_CHECK_VARIANTS:-}" ]; then
   for spec in $GPU_CHECK_VARIANTS; do
     IFS=: read -r a b c d e f <<<"$spec"

@@ -2,6 +2,12 @@
 against autodiff of the unjoined maths; the model with them (jnp on CPU, the kernels where
 monkeypatched in) against the unjoined model; a sharded mesh."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -16,6 +22,7 @@ from test_model import loss_and_grads, make_batch, max_relative_error, reference
 from test_sharding import mesh_cfg
 
 EPS = 1e-6
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _unjoined(x, h, scale_out, scale_next):
@@ -167,3 +174,17 @@ def test_a_bad_join_layout_is_a_user_error_naming_its_field():
     x, h, scale_out, scale_next, _, _ = _inputs(96, 64, jnp.float32)
     with pytest.raises(UserError, match=r"^model.join_kernel_layout=4x16x4: programs of 64 rows do not divide the 96 rows"):
         norm_join.kernel_forward(x, h, scale_out, scale_next, EPS, interpret=True, layout=norm_kernel.Layout(4, 16, 4))
+
+
+def test_norm_check_times_a_boundary_xla_unjoined_and_joined_in_the_interpreter():
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.norm_check", "--check", "join", "--rows", "256", "--d_model", "64",
+         "--repeats", "2", "--interpret", "--layouts", "auto,2x4x4"],
+        cwd=REPO, capture_output=True, text=True, timeout=240, env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    names = ["xla", "unjoined", "join_auto", "join_2x4x4"]
+    assert record["check"] == "join" and record["shape"] == [256, 64] and record["auto"] == "64x1x8"
+    assert sorted(record["ms"]) == sorted(record["gbps"]) == sorted(names) and record["fastest"] in names
+    assert all(error < 1e-2 for error in record["max_relative_error"].values())  # bfloat16 against float32
