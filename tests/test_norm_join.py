@@ -111,6 +111,7 @@ def interpreted_kernels(monkeypatch):
     (True, True, "pallas", "none"),
     (False, True, "pallas", "save_matmuls"),  # the 500M preset's layout, under a remat policy
     (False, False, "saved_rsqrt", "full"),
+    (True, False, "pallas", "save_matmuls"),  # scanned under a remat policy
 ])
 def test_model_with_joined_norms_keeps_loss_and_gradients(scan, kernels, norm_backward, remat, request):
     calls = request.getfixturevalue("interpreted_kernels") if kernels else None
