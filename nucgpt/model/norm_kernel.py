@@ -214,15 +214,21 @@ def kernel_backward(
 off_cuda_backward = reference_backward  # what runs where the platform is not CUDA (tests swap in the kernel)
 
 
+@functools.cache
+def _warn_not_a_power_of_two(d_model: int) -> None:
+    """Once per width and process, not once per norm traced (49 at the 500M shape)."""
+    logging.warning(
+        "model.d_model=%d is not a power of two, which the Pallas norm kernels need; their jnp "
+        "equivalents run on every platform", d_model,
+    )
+
+
 def on_this_platform(kernel, off_cuda, reference, *operands_NxD):
     """`kernel(*operands)` where the lowering platform is CUDA, `off_cuda` elsewhere (decided at lowering);
     `reference` on every platform where d_model is not a power of two (Triton's blocks must be)."""
     d_model = operands_NxD[0].shape[-1]
     if d_model & (d_model - 1):
-        logging.warning(
-            "model.d_model=%d is not a power of two, which the Pallas norm kernels need; their jnp "
-            "equivalents run on every platform", d_model,
-        )
+        _warn_not_a_power_of_two(d_model)
         return reference(*operands_NxD)
     return jax.lax.platform_dependent(*operands_NxD, cuda=kernel, default=off_cuda)
 
