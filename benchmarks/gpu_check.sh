@@ -36,6 +36,10 @@ TUNED_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_tri
 # Every GEMM on cuBLASLt (no Triton GEMM fusions): XLA then folds the MLP's GeLU into the up-projection's
 # epilogue (GELU_AUX), seen in the H100 step compiled offline (benchmarks/NOTES.md, 2026-12-04).
 CUBLAS_FLAGS="--xla_gpu_enable_triton_gemm=false"
+# XLA's experimental Triton GEMM fusion (offline, 2026-12-04): elementwise producers go into the GEMMs'
+# prologues (GeLU into the down-projection, its backward into both up-projection gradients; the GeLU output
+# is no longer kept: 42.8 GiB planned instead of 55.9), at the price of recomputing tanh per tile.
+GEMMV2_FLAGS="--xla_gpu_experimental_gemm_fusion_v2=true"
 
 log() { echo "[$(date -u +%T) +${SECONDS}s] $*" | tee -a "$LOG"; }
 remaining_s() { echo $((DEADLINE_S - TABLE_S - SECONDS)); }
@@ -184,6 +188,7 @@ check_tuned_flags() {  # once, when a variant first asks for the tuned set (the 
 PROFILE_FLAGS="--xla_enable_command_buffers_during_profiling=true"
 flags_ok "$PROFILE_FLAGS" || { log "XLA rejects $PROFILE_FLAGS: profiling without it"; PROFILE_FLAGS=""; }
 flags_ok "$CUBLAS_FLAGS" || { log "XLA rejects $CUBLAS_FLAGS: the cublas variants run without it"; CUBLAS_FLAGS=""; }
+flags_ok "$GEMMV2_FLAGS" || { log "XLA rejects $GEMMV2_FLAGS: the gemmv2 variants are skipped"; GEMMV2_FLAGS=""; }
 
 # --- 3. cuDNN attention vs the XLA reference at the published shape (benchmarks.attention_check), the
 #        RMSNorm backward kernels (benchmarks.norm_check), and whether the candidate remat policy really
@@ -262,7 +267,7 @@ out_of_memory() {  # rc log: the tool's own OOM exit, or an allocation failure (
   [ "$1" = 3 ] && return 0
   grep -E "RESOURCE_EXHAUSTED|[Oo]ut of memory" "$2" | grep -v "not a failure" >/dev/null  # no -q: pipefail + SIGPIPE
 }
-run_mfu() {  # label batch remat scan flagset(default|tuned|cublas) [extra args, comma-separated]
+run_mfu() {  # label batch remat scan flagset(default|tuned|cublas|gemmv2) [extra args, comma-separated]
   local label=$1 batch=$2 remat=$3 scan=$4 flagset=$5 extra=${6:-} rc flags="" started=$SECONDS limit
   local shape_args=${extra//--compare_timing/}  # timing-only flags do not change what fits in memory
   local key="$remat|$scan|$flagset|${shape_args//,/}"
@@ -272,6 +277,10 @@ run_mfu() {  # label batch remat scan flagset(default|tuned|cublas) [extra args,
   fits_in_time "$label" "$MFU_EXPECTED_S" || return
   if [ "$flagset" = tuned ]; then check_tuned_flags; flags=$TUNED_FLAGS; fi
   [ "$flagset" = cublas ] && flags=$CUBLAS_FLAGS
+  if [ "$flagset" = gemmv2 ]; then
+    [ -n "$GEMMV2_FLAGS" ] || { log "$label: skipped (this XLA has no $GEMMV2_FLAGS)"; record_failure "$label" skipped "flag unknown to XLA"; return; }
+    flags=$GEMMV2_FLAGS
+  fi
   limit=$(clipped_limit "$VARIANT_TIMEOUT_S")
   log "$label: start (XLA_FLAGS='$flags' ${extra//,/ }; limit ${limit}s)"
   XLA_FLAGS="$flags" bounded "$limit" "$PY" -m benchmarks.mfu \
@@ -352,7 +361,8 @@ run_hf() {  # mode(eager|compile) batch
 # (the least traffic offline), and batch 16 with the Pallas norm and fused q/k/v (66 GiB planned: it fits an
 # H100 now; with cuBLAS GEMMs it would not, the GeLU epilogue keeps its input too). Then (2026-12-04, third
 # session) each out-norm, residual add and next norm joined into one Pallas kernel each way (model.join_norms:
-# 12 GiB less per step offline, on top of all three); the rows without it are its A/B.
+# 12 GiB less per step offline, on top of all three); the rows without it are its A/B; then the joined row under
+# XLA's experimental GEMM fusion (GeLU into the GEMMs' prologues: 13 GiB less memory, tanh recomputed per tile).
 # Order: the expected best's baseline, the peer the target compares it with, the candidates, the profile
 # (where the time goes; on an H200 before the candidates: it carries the H100 estimate), then the rows that
 # compiled worse offline or are A/B only (RMSNorm's hand-written jnp backward moves 9 GiB more per step there).
@@ -374,6 +384,7 @@ elif [ "$SMOKE" = 1 ]; then
   run_mfu b8_none_pallas_qkv_join 8 none false default "$PALLAS,$QKV,$JOIN"
   run_mfu b8_none_pallas_cublas_qkv 8 none false cublas "$PALLAS,$QKV"
   run_mfu b8_none_pallas_qkv 8 none false default "$PALLAS,$QKV"
+  run_mfu b8_none_pallas_qkv_join_gemmv2 8 none false gemmv2 "$PALLAS,$QKV,$JOIN"
   run_mfu b8_none_pallas 8 none false default "$PALLAS"
   run_mfu b8_none_qkv 8 none false default "$QKV"
   run_mfu b8_none_cublas_qkv 8 none false cublas "$QKV"
@@ -391,6 +402,7 @@ else
   run_mfu b8u_none_pallas_qkv_join 8 none false default "$PALLAS,$QKV,$JOIN"
   run_mfu b8u_none_pallas_cublas_qkv 8 none false cublas "$PALLAS,$QKV"
   run_mfu b8u_none_pallas_qkv 8 none false default "$PALLAS,$QKV"
+  run_mfu b8u_none_pallas_qkv_join_gemmv2 8 none false gemmv2 "$PALLAS,$QKV,$JOIN"
   run_mfu b8u_none_pallas 8 none false default "$PALLAS"
   run_mfu b8u_none_qkv 8 none false default "$QKV"
   run_mfu b8u_none_cublas_qkv 8 none false cublas "$QKV"
