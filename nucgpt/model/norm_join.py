@@ -29,9 +29,9 @@ from nucgpt.model.norm_kernel import Layout, backward_from_rsqrt, parse_layout, 
 _FIELD = "model.join_kernel_layout"
 
 
-def _forward_math(x, h, scale_out_D, scale_next_D, eps):
+def reference_forward(x, h, scale_out_D, scale_next_D, eps):
     """(x + s_out·h·r(h), s_next·x'·r(x')) as the unjoined norms compute them: each norm in float32,
-    its output and the residual add in x's dtype."""
+    its output and the residual add in x's dtype. The jnp forward, and what a kernel tile computes."""
     h_f32 = h.astype(jnp.float32)
     h_normed = (h_f32 * row_rsqrt(h_f32, eps) * scale_out_D.astype(jnp.float32)).astype(x.dtype)
     x_next = x + h_normed
@@ -40,23 +40,15 @@ def _forward_math(x, h, scale_out_D, scale_next_D, eps):
     return x_next, normed
 
 
-def _backward_math(x_next, h, grad_normed, grad_x_next, scale_out_D, scale_next_D, eps):
+def reference_backward(x_next, h, grad_normed, grad_x_next, scale_out_D, scale_next_D, eps):
     """(dx, dh, d(s_out), d(s_next)) — the next norm's backward plus the residual gradient (None: zero)
     gives dx' (= dx, rounded to x's dtype as the unjoined path passes it on), then the out-norm's
-    backward of dx'."""
+    backward of dx'. The jnp backward, and what a kernel tile computes."""
     grad_x, grad_scale_next = backward_from_rsqrt(
         x_next, grad_normed, scale_next_D, row_rsqrt(x_next.astype(jnp.float32), eps), grad_x_next
     )
     grad_h, grad_scale_out = backward_from_rsqrt(h, grad_x, scale_out_D, row_rsqrt(h.astype(jnp.float32), eps))
     return grad_x, grad_h, grad_scale_out, grad_scale_next
-
-
-def reference_forward(x, h, scale_out_D, scale_next_D, eps):
-    return _forward_math(x, h, scale_out_D, scale_next_D, eps)
-
-
-def reference_backward(x_next, h, grad_normed, grad_x_next, scale_out_D, scale_next_D, eps):
-    return _backward_math(x_next, h, grad_normed, grad_x_next, scale_out_D, scale_next_D, eps)
 
 
 def kernel_layout(num_rows: int, d_model: int) -> Layout:
@@ -68,7 +60,7 @@ def kernel_forward(x_NxD, h_NxD, scale_out_D, scale_next_D, eps, *, interpret=Fa
     """The forward kernel's (x', n); `interpret` runs it in Pallas' interpreter (any platform)."""
 
     def work(tile, scales):
-        return _forward_math(*tile, *scales, eps), ()
+        return reference_forward(*tile, *scales, eps), ()
 
     return norm_kernel.row_kernel_call(
         work, [x_NxD, h_NxD], [scale_out_D, scale_next_D], [x_NxD.dtype, x_NxD.dtype], 0,
@@ -83,7 +75,7 @@ def kernel_backward(x_next_NxD, h_NxD, grad_normed_NxD, grad_x_next_NxD, scale_o
 
     def work(tile, scales):
         x_next, h, grad_normed, *grad_x_next = tile
-        grad_x, grad_h, grad_scale_out, grad_scale_next = _backward_math(
+        grad_x, grad_h, grad_scale_out, grad_scale_next = reference_backward(
             x_next, h, grad_normed, grad_x_next[0] if grad_x_next else None, *scales, eps
         )
         return (grad_x, grad_h), (grad_scale_out, grad_scale_next)
