@@ -134,9 +134,11 @@ def test_model_with_the_fused_backward_keeps_loss_and_gradients(placement, kerne
     assert max_relative_error(grads_p, grads) < 1e-5
 
 
-@pytest.mark.parametrize("batch", [8, 2])  # 2 rows over fsdp 4: the features are split, jnp runs
-def test_sharded_backward_matches_one_device(batch, interpreted_kernel):
+# 2 rows over fsdp 4: the features are split, jnp runs
+@pytest.mark.parametrize("batch, with_residual", [(8, True), (8, False), (2, True)])
+def test_sharded_backward_matches_one_device(batch, with_residual, interpreted_kernel):
     x, grad, scale, residual = (a.reshape(batch, -1, 64) if a.ndim == 2 else a for a in _inputs(batch * 16, 64, jnp.float32))
+    residual = residual if with_residual else None  # absent: left out of the shard_map's operands
     backward = jax.jit(lambda *a: norm_kernel.backward(*a, 1e-6))
     expected = backward(x, grad, scale, residual)
     with sharding.use_mesh(sharding.make_mesh(mesh_cfg(2, 4, 1), jax.devices()), FSDP_RULES):

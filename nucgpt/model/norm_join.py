@@ -110,34 +110,22 @@ def _forward(x_BxLxD, h_BxLxD, scale_out_D, scale_next_D, eps, layout):
     )
 
 
-def _residual_gradient_optional(backward):
-    """`backward(x', h, grad_n, grad_x' or None, s_out, s_next)` called with grad_x' left out of the
-    operands when it is None (shard_map and the kernel take arrays only)."""
-
-    def call(x_next, h, grad_normed, *rest):
-        *grad_x_next, scale_out_D, scale_next_D = rest
-        return backward(x_next, h, grad_normed, grad_x_next[0] if grad_x_next else None, scale_out_D, scale_next_D)
-
-    return call
-
-
 def _backward(x_next_BxLxD, h_BxLxD, grad_normed_BxLxD, grad_x_next_BxLxD, scale_out_D, scale_next_D, eps, layout):
     def local(x_next_BxLxD, h_BxLxD, grad_normed_BxLxD, grad_x_next_BxLxD, scale_out_D, scale_next_D):
         grad_x, grad_h, grad_scale_out, grad_scale_next = norm_kernel.on_this_platform(
-            _residual_gradient_optional(lambda *a: kernel_backward(*a, eps=eps, layout=parse_layout(layout, _FIELD))),
-            _residual_gradient_optional(lambda *a: off_cuda_backward(*a, eps=eps)),
-            _residual_gradient_optional(lambda *a: reference_backward(*a, eps=eps)),
-            *(rows(a) for a in (x_next_BxLxD, h_BxLxD, grad_normed_BxLxD, grad_x_next_BxLxD) if a is not None),
-            scale_out_D, scale_next_D,
+            lambda *a: kernel_backward(*a, eps=eps, layout=parse_layout(layout, _FIELD)),
+            lambda *a: off_cuda_backward(*a, eps=eps),
+            lambda *a: reference_backward(*a, eps=eps),
+            rows(x_next_BxLxD), rows(h_BxLxD), rows(grad_normed_BxLxD),
+            None if grad_x_next_BxLxD is None else rows(grad_x_next_BxLxD), scale_out_D, scale_next_D,
         )
         shape = x_next_BxLxD.shape
         return grad_x.reshape(shape), grad_h.reshape(shape), grad_scale_out, grad_scale_next
 
-    row_operands = [a for a in (x_next_BxLxD, h_BxLxD, grad_normed_BxLxD, grad_x_next_BxLxD) if a is not None]
     return norm_kernel.on_each_device(
-        _residual_gradient_optional(local),
-        _residual_gradient_optional(functools.partial(reference_backward, eps=eps)),
-        row_operands, [scale_out_D, scale_next_D], num_row_outputs=2, num_sums=2,
+        local, functools.partial(reference_backward, eps=eps),
+        [x_next_BxLxD, h_BxLxD, grad_normed_BxLxD, grad_x_next_BxLxD], [scale_out_D, scale_next_D],
+        num_row_outputs=2, num_sums=2,
     )
 
 

@@ -236,7 +236,8 @@ def on_this_platform(kernel, off_cuda, reference, *operands_NxD):
 def on_each_device(local, reference, row_operands, scales, num_row_outputs: int, num_sums: int):
     """`local(*row_operands, *scales)` → (row outputs, [D] sums over rows) on each device's rows under
     the active mesh (`shard_map`; the sums added over the devices holding other rows). Where the
-    mesh rules split a row's features over devices, `reference` (jnp) runs and XLA partitions it."""
+    mesh rules split a row's features over devices, `reference` (jnp) runs and XLA partitions it. A
+    row operand after the first may be None (an absent gradient): both functions get None there."""
     mesh, rules = sharding.active_mesh(), sharding.active_rules()
     if mesh is None or math.prod(mesh.shape.values()) == 1:
         return local(*row_operands, *scales)
@@ -247,18 +248,20 @@ def on_each_device(local, reference, row_operands, scales, num_row_outputs: int,
     row_axes = tuple(a for part in spec[:2] if part is not None for a in ((part,) if isinstance(part, str) else part))
     activations = jax.sharding.PartitionSpec(spec[0], spec[1], None)
     replicated = jax.sharding.PartitionSpec()
+    given = [a for a in row_operands if a is not None]  # shard_map takes arrays only
 
     def per_device(*operands):
-        outputs = local(*operands)
+        shards = iter(operands[:len(given)])
+        outputs = local(*(None if a is None else next(shards) for a in row_operands), *operands[len(given):])
         sums = tuple(jax.lax.psum(s, row_axes) if row_axes else s for s in outputs[num_row_outputs:])
         return (*outputs[:num_row_outputs], *sums)
 
     return jax.shard_map(
         per_device, mesh=mesh,
-        in_specs=(activations,) * len(row_operands) + (replicated,) * len(scales),
+        in_specs=(activations,) * len(given) + (replicated,) * len(scales),
         out_specs=(activations,) * num_row_outputs + (replicated,) * num_sums,
         check_vma=False,
-    )(*row_operands, *scales)
+    )(*given, *scales)
 
 
 def rows(a_BxLxD: jax.Array) -> jax.Array:
@@ -268,21 +271,19 @@ def rows(a_BxLxD: jax.Array) -> jax.Array:
 def backward(x_BxLxD, grad_BxLxD, scale_D, residual_grad_BxLxD, eps, layout: str = "auto"):
     """dx (+ `residual_grad`, when given) and d(scale) of RMSNorm, per device under the active mesh;
     `layout`: the kernel's tiling (`parse_layout`)."""
-    row_operands = [x_BxLxD, grad_BxLxD] + ([] if residual_grad_BxLxD is None else [residual_grad_BxLxD])
 
-    def local(x_BxLxD, grad_BxLxD, *rest):
-        *residual, scale_D = rest
-        residual_NxD = rows(residual[0]) if residual else None
+    def local(x_BxLxD, grad_BxLxD, residual_grad_BxLxD, scale_D):
         grad_x_NxD, grad_scale_D = on_this_platform(
             lambda *a: kernel_backward(*a, eps=eps, layout=parse_layout(layout)),
             lambda *a: off_cuda_backward(*a, eps=eps),
             lambda *a: reference_backward(*a, eps=eps),
-            rows(x_BxLxD), rows(grad_BxLxD), scale_D, residual_NxD,
+            rows(x_BxLxD), rows(grad_BxLxD), scale_D, None if residual_grad_BxLxD is None else rows(residual_grad_BxLxD),
         )
         return grad_x_NxD.reshape(x_BxLxD.shape), grad_scale_D
 
-    def reference(x_BxLxD, grad_BxLxD, *rest):
-        *residual, scale_D = rest
-        return reference_backward(x_BxLxD, grad_BxLxD, scale_D, residual[0] if residual else None, eps)
+    def reference(x_BxLxD, grad_BxLxD, residual_grad_BxLxD, scale_D):
+        return reference_backward(x_BxLxD, grad_BxLxD, scale_D, residual_grad_BxLxD, eps)
 
-    return on_each_device(local, reference, row_operands, [scale_D], num_row_outputs=1, num_sums=1)
+    return on_each_device(
+        local, reference, [x_BxLxD, grad_BxLxD, residual_grad_BxLxD], [scale_D], num_row_outputs=1, num_sums=1
+    )
