@@ -68,18 +68,15 @@ def xla_backward(x, grad, scale, residual):
 
 
 def norm_backward_check(x, grad, scale, residual, layouts):
-    implementations = {"xla": xla_backward}
-    for text, layout in layouts.items():
-        implementations[f"pallas_{text}"] = functools.partial(
-            norm_kernel.kernel_backward, eps=EPS, interpret=FLAGS.interpret,
-            layout=layout or norm_kernel.kernel_layout(FLAGS.rows, FLAGS.d_model),
+    """Each implementation as a function of the gradient (each call's dx is the next call's gradient)."""
+    runs = {"xla": functools.partial(xla_backward, x, scale=scale, residual=residual)}
+    for text, layout in layouts.items():  # layout None: the kernel's default
+        runs[f"pallas_{text}"] = functools.partial(
+            norm_kernel.kernel_backward, x, scale_D=scale, residual_grad_NxD=residual, eps=EPS,
+            interpret=FLAGS.interpret, layout=layout,
         )
     f32 = lambda a: a.astype(jnp.float32)
     expected = jax.jit(xla_backward)(f32(x), f32(grad), scale, f32(residual))
-    # each call's dx is the next call's gradient
-    runs = {
-        name: (lambda f: (lambda grad: f(x, grad, scale, residual)))(f) for name, f in implementations.items()
-    }
     return runs, (grad,), expected, 4 * x.size * x.dtype.itemsize, str(norm_kernel.kernel_layout(FLAGS.rows, FLAGS.d_model))
 
 
@@ -96,42 +93,43 @@ def _unjoined(x, h, scale_out, scale_next, pallas: bool):
     return x_next, norm(x_next, scale_next)
 
 
-def _boundary(forward, cotangents):
-    """Forward then backward of one boundary, from `forward(x, h, s_out, s_next) -> (x', n)`."""
+def _boundary(forward, scales, cotangents):
+    """Forward then backward of one boundary, from `forward(x, h, s_out, s_next) -> (x', n)`, as a
+    function of (x, h)."""
 
-    def run(x, h, scale_out, scale_next):
-        _, vjp = jax.vjp(forward, x, h, scale_out, scale_next)
+    def run(x, h):
+        _, vjp = jax.vjp(forward, x, h, *scales)
         return vjp(cotangents)
 
     return run
 
 
-def _joined_kernels(layout, cotangents):
-    """The join's two kernels in sequence, as its VJP runs them."""
+def _joined_kernels(layout, scales, cotangents):
+    """The join's two kernels in sequence, as its VJP runs them (layout None: their default)."""
     grad_x_next, grad_normed = cotangents
 
-    def run(x, h, scale_out, scale_next):
-        x_next, _ = norm_join.kernel_forward(x, h, scale_out, scale_next, EPS, interpret=FLAGS.interpret, layout=layout)
+    def run(x, h):
+        x_next, _ = norm_join.kernel_forward(x, h, *scales, EPS, interpret=FLAGS.interpret, layout=layout)
         return norm_join.kernel_backward(
-            x_next, h, grad_normed, grad_x_next, scale_out, scale_next, EPS, interpret=FLAGS.interpret, layout=layout
+            x_next, h, grad_normed, grad_x_next, *scales, EPS, interpret=FLAGS.interpret, layout=layout
         )
 
     return run
 
 
 def join_check(x, h, scale_out, scale_next, grad_x_next, grad_normed, layouts):
-    cotangents = (grad_x_next, grad_normed)
-    implementations = {
-        "xla": _boundary(functools.partial(_unjoined, pallas=False), cotangents),
-        "unjoined": _boundary(functools.partial(_unjoined, pallas=True), cotangents),
+    """Each implementation as a function of (x, h) (each call's dx and dh are the next call's x and h)."""
+    scales, cotangents = (scale_out, scale_next), (grad_x_next, grad_normed)
+    runs = {
+        "xla": _boundary(functools.partial(_unjoined, pallas=False), scales, cotangents),
+        "unjoined": _boundary(functools.partial(_unjoined, pallas=True), scales, cotangents),
     }
     for text, layout in layouts.items():
-        implementations[f"join_{text}"] = _joined_kernels(layout or norm_join.kernel_layout(FLAGS.rows, FLAGS.d_model), cotangents)
+        runs[f"join_{text}"] = _joined_kernels(layout, scales, cotangents)
     f32 = lambda a: a.astype(jnp.float32)
-    expected = jax.jit(_boundary(functools.partial(_unjoined, pallas=False), (f32(grad_x_next), f32(grad_normed))))(
-        f32(x), f32(h), scale_out, scale_next
+    expected = jax.jit(_boundary(functools.partial(_unjoined, pallas=False), scales, (f32(grad_x_next), f32(grad_normed))))(
+        f32(x), f32(h)
     )
-    runs = {name: (lambda f: (lambda x, h: f(x, h, scale_out, scale_next)))(f) for name, f in implementations.items()}
     return runs, (x, h), expected, 10 * x.size * x.dtype.itemsize, str(norm_join.kernel_layout(FLAGS.rows, FLAGS.d_model))
 
 
