@@ -193,7 +193,8 @@ flags_ok "$GEMMV2_FLAGS" || { log "XLA rejects $GEMMV2_FLAGS: the gemmv2 variant
 # --- 3. cuDNN attention vs the XLA reference at the published shape (benchmarks.attention_check), the
 #        RMSNorm backward kernels (benchmarks.norm_check), and whether the candidate remat policy really
 #        keeps the cuDNN forward's residuals --------------------------------------------------------------
-last_json() { grep '^{' "$1" | tail -1 | cut -c1-400; }  # a tool's JSON line, not a warning printed after it
+# a tool's JSON line, not a warning printed after it; cut to $2 characters (default 400) for the log and table
+last_json() { grep '^{' "$1" | tail -1 | cut -c1-"${2:-400}"; }
 bounded 150 "$PY" -m benchmarks.attention_check >"$WORK/attention.txt" 2>&1
 cat "$WORK/attention.txt" >>"$LOG"
 ATTENTION_LINE="attention: $(last_json "$WORK/attention.txt")"
@@ -213,7 +214,7 @@ norm_check() {  # check prefix
   [ "$SMOKE" = 1 ] && args="--rows 256 --d_model 64 --layouts auto,4x8x4 --repeats 2 --interpret"
   bounded 90 "$PY" -m benchmarks.norm_check --check "$1" $args >"$WORK/$1.txt" 2>&1
   cat "$WORK/$1.txt" >>"$LOG"
-  FASTEST=$(grep '^{' "$WORK/$1.txt" | tail -1 | "$PY" -c '
+  FASTEST=$(last_json "$WORK/$1.txt" 100000 | "$PY" -c '
 import json, sys
 prefix = sys.argv[1]
 ms = {k[len(prefix):]: v for k, v in json.loads(sys.stdin.read() or "{}").get("ms", {}).items() if k.startswith(prefix)}
@@ -221,13 +222,13 @@ best = min(ms, key=ms.get) if ms else "auto"
 print("" if best == "auto" else best)' "$2" 2>/dev/null)
 }
 norm_check norm_backward pallas_
-NORM_LINE="norm backward: $(grep '^{' "$WORK/norm_backward.txt" | tail -1 | cut -c1-700)"
+NORM_LINE="norm backward: $(last_json "$WORK/norm_backward.txt" 700)"
 log "$NORM_LINE"
 # The Pallas variants below run each kernel's fastest tiling here, if not auto's.
 NORM_LAYOUT=$FASTEST
 [ -n "$NORM_LAYOUT" ] && log "the Pallas variants use the fastest tiling measured here: model.norm_kernel_layout=$NORM_LAYOUT"
 norm_check join join_
-JOIN_LINE="norm join: $(grep '^{' "$WORK/join.txt" | tail -1 | cut -c1-700)"
+JOIN_LINE="norm join: $(last_json "$WORK/join.txt" 700)"
 log "$JOIN_LINE"
 JOIN_LAYOUT=$FASTEST
 [ -n "$JOIN_LAYOUT" ] && log "the joined variants use the fastest tiling measured here: model.join_kernel_layout=$JOIN_LAYOUT"
