@@ -199,13 +199,19 @@ def rms_norm(
     return {"recompute": _rms_norm_recomputed, "saved_rsqrt": _rms_norm_saved_rsqrt}[backward](x_BxLxD, scale_D, eps)
 
 
+def configured_norm(cfg, x_BxLxD: jax.Array, scale_D: jax.Array) -> jax.Array:
+    """`rms_norm` as the model config asks (model.norm_eps, norm_backward, norm_kernel_layout)."""
+    return rms_norm(
+        x_BxLxD, scale_D, cfg.norm_eps, cfg.get("norm_backward", "recompute"), cfg.get("norm_kernel_layout", "auto")
+    )
+
+
 def pre_norm(cfg, x_BxLxD: jax.Array, scale_D: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(x normed, x) for a sublayer's input; with `pallas` the norm also passes x on, so that its
     backward adds the gradient coming down the residual stream in the same pass."""
-    backward, layout = cfg.get("norm_backward", "recompute"), cfg.get("norm_kernel_layout", "auto")
-    if backward == "pallas":
-        return _rms_norm_pallas_and_input(x_BxLxD, scale_D, cfg.norm_eps, layout)
-    return rms_norm(x_BxLxD, scale_D, cfg.norm_eps, backward, layout), x_BxLxD
+    if cfg.get("norm_backward", "recompute") == "pallas":
+        return _rms_norm_pallas_and_input(x_BxLxD, scale_D, cfg.norm_eps, cfg.get("norm_kernel_layout", "auto"))
+    return configured_norm(cfg, x_BxLxD, scale_D), x_BxLxD
 
 
 @jax.checkpoint
@@ -292,12 +298,6 @@ class Block(nnx.Module):
     def _weight(self, param: nnx.Param) -> jax.Array:
         return param[...].astype(self.cfg.compute_dtype)
 
-    def _norm(self, x_BxLxD, scale) -> jax.Array:
-        cfg = self.cfg
-        return rms_norm(
-            x_BxLxD, scale[...], cfg.norm_eps, cfg.get("norm_backward", "recompute"), cfg.get("norm_kernel_layout", "auto")
-        )
-
     def _sublayer(self, x_BxLxD, in_norm, out_norm, fn, has_aux: bool = False):
         """x + fn(norm(x)) (normed again for `sandwich`); with `has_aux`, fn returns (h, aux) and so
         does this (decoding's updated cache)."""
@@ -305,7 +305,7 @@ class Block(nnx.Module):
         out = fn(normed_BxLxD)
         h_BxLxD, aux = out if has_aux else (out, None)
         if self.cfg.norm_placement == "sandwich":
-            h_BxLxD = self._norm(h_BxLxD, out_norm)
+            h_BxLxD = configured_norm(self.cfg, h_BxLxD, out_norm[...])
         x_BxLxD = constrain(x_BxLxD + h_BxLxD, ("batch", "length", "embed"))
         return (x_BxLxD, aux) if has_aux else x_BxLxD
 
@@ -493,11 +493,7 @@ class Transformer(nnx.Module):
         return self.unembed(self._final_norm(x_BxLxD))
 
     def _final_norm(self, x_BxLxD: jax.Array) -> jax.Array:
-        cfg = self.cfg
-        return rms_norm(
-            x_BxLxD, self.final_norm[...], cfg.norm_eps, cfg.get("norm_backward", "recompute"),
-            cfg.get("norm_kernel_layout", "auto"),
-        )
+        return configured_norm(self.cfg, x_BxLxD, self.final_norm[...])
 
     def trunk(self, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array | None = None) -> jax.Array:
         """Hidden states after the final norm, [B, L, d_model] in compute dtype; segment id 0 = padding."""
