@@ -88,6 +88,17 @@ def test_a_layout_that_does_not_divide_the_rows_is_a_user_error():
         norm_kernel.kernel_backward(x, grad, scale, None, 1e-6, interpret=True, layout=norm_kernel.Layout(4, 16, 4))
 
 
+def test_a_jax_without_the_triton_backend_is_a_user_error_naming_the_fallback(monkeypatch):
+    """JAX 0.11 deprecates Pallas' Triton backend: once a JAX drops it, the kernels say what to set instead."""
+    import jax.experimental.pallas as pallas
+
+    monkeypatch.setitem(sys.modules, "jax.experimental.pallas.triton", None)  # its import now fails
+    monkeypatch.delattr(pallas, "triton", raising=False)  # as if it had never been imported
+    x, grad, scale, _ = _inputs(64, 64, jnp.float32)
+    with pytest.raises(UserError, match=r"does not ship: use model.norm_backward=recompute and model.join_norms=false"):
+        norm_kernel.kernel_backward(x, grad, scale, None, 1e-6, interpret=False)
+
+
 def test_a_width_that_is_not_a_power_of_two_runs_the_jnp_backward(interpreted_kernel, caplog):
     """Triton's blocks are powers of two: the kernel refuses d_model 48, and the model's backward runs
     in jnp instead (on every platform, with one warning however many norms), with the same gradients."""

@@ -168,8 +168,13 @@ def row_kernel_call(work, row_inputs, scales, row_output_dtypes, num_partials: i
     rows_spec = pl.BlockSpec((band, d_model), lambda p: (p, 0))
     compiler_params = None
     if not interpret:
-        from jax.experimental.pallas import triton as pallas_triton
-
+        try:  # deprecated since JAX 0.11; a later JAX may no longer ship it
+            from jax.experimental.pallas import triton as pallas_triton
+        except ImportError:
+            raise UserError(
+                f"model.norm_backward=pallas and model.join_norms need Pallas' Triton backend, which JAX "
+                f"{jax.__version__} does not ship: use model.norm_backward=recompute and model.join_norms=false"
+            ) from None
         compiler_params = pallas_triton.CompilerParams(num_warps=num_warps, num_stages=2)
     kernel = functools.partial(
         _row_kernel, work=work, num_row_inputs=len(row_inputs), num_scales=len(scales),
