@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
+from jax.custom_derivatives import SymbolicZero
 
 from nucgpt.errors import UserError
 from nucgpt.model import attention, norm_join, norm_kernel
@@ -148,42 +149,33 @@ _rms_norm_saved_rsqrt.defvjp(_rms_norm_forward, _rms_norm_backward)
 
 # The backward in one pass over x and the gradient (`norm_kernel`: a Triton kernel on GPUs, tiled by
 # `layout`, model.norm_kernel_layout). The output is kept for the backward pass (nothing recomputes
-# it); `..._and_input` also returns x itself, so that the gradient reaching x through the residual
-# stream arrives in the same backward and the kernel adds it while it writes dx.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _rms_norm_pallas(x_BxLxD: jax.Array, scale_D: jax.Array, eps: float, layout: str) -> jax.Array:
-    return _rms_norm_forward(x_BxLxD, scale_D, eps)[0]
-
-
-def _rms_norm_pallas_forward(x_BxLxD, scale_D, eps, layout):
-    return _rms_norm_forward(x_BxLxD, scale_D, eps)[0], (x_BxLxD, scale_D)
-
-
-def _rms_norm_pallas_backward(eps, layout, saved, grad_BxLxD):
-    x_BxLxD, scale_D = saved
-    return norm_kernel.backward(x_BxLxD, grad_BxLxD, scale_D, None, eps, layout)
-
-
-_rms_norm_pallas.defvjp(_rms_norm_pallas_forward, _rms_norm_pallas_backward)
-
-
+# it). It also returns x itself, so that the gradient reaching x through the residual stream arrives
+# in the same backward and the kernel adds it while it writes dx; where nothing reads that x (an
+# out-norm, the final norm) its gradient is a symbolic zero and the kernel reads no residual.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _rms_norm_pallas_and_input(x_BxLxD: jax.Array, scale_D: jax.Array, eps: float, layout: str) -> tuple[jax.Array, jax.Array]:
     return _rms_norm_forward(x_BxLxD, scale_D, eps)[0], x_BxLxD
 
 
 def _rms_norm_pallas_and_input_forward(x_BxLxD, scale_D, eps, layout):
+    x_BxLxD, scale_D = x_BxLxD.value, scale_D.value  # symbolic zeros: the arguments come wrapped
     return (_rms_norm_forward(x_BxLxD, scale_D, eps)[0], x_BxLxD), (x_BxLxD, scale_D)
 
 
 def _rms_norm_pallas_and_input_backward(eps, layout, saved, grads):
     grad_out_BxLxD, grad_input_BxLxD = grads
     x_BxLxD, scale_D = saved
-    residual_grad_BxLxD = grad_input_BxLxD.astype(x_BxLxD.dtype)
+    if isinstance(grad_out_BxLxD, SymbolicZero):
+        grad_out_BxLxD = jnp.zeros_like(x_BxLxD)
+    residual_grad_BxLxD = None if isinstance(grad_input_BxLxD, SymbolicZero) else grad_input_BxLxD.astype(x_BxLxD.dtype)
     return norm_kernel.backward(x_BxLxD, grad_out_BxLxD, scale_D, residual_grad_BxLxD, eps, layout)
 
 
-_rms_norm_pallas_and_input.defvjp(_rms_norm_pallas_and_input_forward, _rms_norm_pallas_and_input_backward)
+_rms_norm_pallas_and_input.defvjp(_rms_norm_pallas_and_input_forward, _rms_norm_pallas_and_input_backward, symbolic_zeros=True)
+
+
+def _rms_norm_pallas(x_BxLxD: jax.Array, scale_D: jax.Array, eps: float, layout: str) -> jax.Array:
+    return _rms_norm_pallas_and_input(x_BxLxD, scale_D, eps, layout)[0]
 
 
 def rms_norm(
