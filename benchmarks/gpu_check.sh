@@ -377,28 +377,11 @@ if [ -n "${GPU_CHECK_VARIANTS:-}" ]; then
     IFS=: read -r a b c d e f <<<"$spec"
     if [ "$a" = hf ]; then run_hf "$b" "$c"; else run_mfu "$a" "$b" "$c" "$d" "$e" "$f"; fi
   done
-elif [ "$SMOKE" = 1 ]; then
-  run_mfu b8_none_default 8 none false default --compare_timing
-  run_hf compile 8
-  run_profile b8_none_profile 8 none false
-  run_mfu b8_none_pallas_cublas_qkv_join 8 none false cublas "$PALLAS,$QKV,$JOIN"
-  run_mfu b8_none_pallas_qkv_join 8 none false default "$PALLAS,$QKV,$JOIN"
-  run_mfu b8_none_pallas_cublas_qkv 8 none false cublas "$PALLAS,$QKV"
-  run_mfu b8_none_pallas_qkv 8 none false default "$PALLAS,$QKV"
-  run_mfu b8_none_pallas_qkv_join_gemmv2 8 none false gemmv2 "$PALLAS,$QKV,$JOIN"
-  run_mfu b8_none_pallas 8 none false default "$PALLAS"
-  run_mfu b8_none_qkv 8 none false default "$QKV"
-  run_mfu b8_none_cublas_qkv 8 none false cublas "$QKV"
-  run_mfu b16_none_pallas_qkv 16 none false default "$PALLAS,$QKV"
-  run_mfu b8_none_cublas 8 none false cublas
-  run_b16_if_it_can_fit b16_none_default
-  run_mfu b8_none_normvjp 8 none false default --config.model.norm_backward=saved_rsqrt
-  run_mfu b8_none_gather 8 none false default --config.model.embedding_lookup=gather
-  run_mfu b8_smc_scan_tuned 8 save_matmuls true tuned
-else
+else  # the smoke run goes through the same rows (the demo preset, on CPU), and a different tail
+  HF_BATCH=4; [ "$SMOKE" = 1 ] && HF_BATCH=8
   run_mfu b8u_none_default 8 none false default --compare_timing
-  run_hf compile 4
-  big_memory && run_profile b8u_none_profile 8 none false  # an H200: its H100 estimate needs the profile
+  run_hf compile "$HF_BATCH"
+  big_memory && run_profile b8u_none_profile 8 none false  # an H200 (and the smoke run): its H100 estimate needs the profile
   run_mfu b8u_none_pallas_cublas_qkv_join 8 none false cublas "$PALLAS,$QKV,$JOIN"
   run_mfu b8u_none_pallas_qkv_join 8 none false default "$PALLAS,$QKV,$JOIN"
   run_mfu b8u_none_pallas_cublas_qkv 8 none false cublas "$PALLAS,$QKV"
@@ -413,8 +396,12 @@ else
   run_b16_if_it_can_fit b16u_none_default
   run_mfu b8u_none_normvjp 8 none false default --config.model.norm_backward=saved_rsqrt
   run_mfu b8u_none_gather 8 none false default --config.model.embedding_lookup=gather
-  run_mfu b4u_none_default 4 none false default
-  run_mfu b8u_smc_default 8 save_matmuls false default
-  run_hf eager 4
+  if [ "$SMOKE" = 1 ]; then
+    run_mfu b8_smc_scan_tuned 8 save_matmuls true tuned  # the tuned flag set and scanned layers, exercised
+  else
+    run_mfu b4u_none_default 4 none false default
+    run_mfu b8u_smc_default 8 save_matmuls false default
+    run_hf eager 4
+  fi
 fi
 print_table
